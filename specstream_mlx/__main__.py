@@ -1,0 +1,5 @@
+"""``python -m specstream_mlx`` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,177 @@
+"""The ``specstream-mlx`` command line. Commands parse options and call the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import _blas  # noqa: F401  (loads OpenBLAS before mlx)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Speculative Streaming decoding on MLX: one model drafts its own future tokens.",
+)
+
+
+class UsageError(ValueError):
+    """Bad command-line input (reported as one line, exit code 2)."""
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(fn):
+    """Call ``fn`` turning the library's input errors into one-line messages."""
+    from .config import CheckpointError
+    from .decode import ContextOverflowError
+    from .families import UnsupportedArchitectureError
+
+    try:
+        return fn()
+    except UsageError as exc:
+        _fail(str(exc), 2)
+    except (CheckpointError, UnsupportedArchitectureError, ContextOverflowError) as exc:
+        _fail(str(exc))
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        _fail(str(exc))
+
+
+def _parse_widths(text: Optional[str]) -> Optional[tuple]:
+    if text is None:
+        return None
+    try:
+        widths = tuple(int(w) for w in text.replace(" ", "").split(",") if w)
+    except ValueError:
+        raise UsageError(f"--tree-width takes comma-separated integers like 3,2,1, got {text!r}")
+    if not widths or any(w < 1 for w in widths):
+        raise UsageError(f"--tree-width needs positive widths like 3,2,1, got {text!r}")
+    return widths
+
+
+@app.command()
+def init(
+    model: str = typer.Option(..., "--model", help="Base mlx-lm model directory or HF repo id."),
+    out: Path = typer.Option(..., "--out", help="Output checkpoint directory."),
+    gamma: int = typer.Option(3, help="Number of speculative streams."),
+    stream_layers: int = typer.Option(4, "--stream-layers", help="Top layers with multi-stream attention."),
+    mode: str = typer.Option("lossless", help="lossless | shared"),
+    seed: int = typer.Option(0, help="Seed for the fresh stream parameters."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Turn a plain mlx-lm model into a checkpoint with fresh (untrained) streams."""
+    from .loading import init_checkpoint
+
+    path = _run(lambda: init_checkpoint(
+        model, str(out), gamma=gamma, stream_layers=stream_layers, mode=mode,
+        seed=seed, overwrite=overwrite,
+    ))
+    typer.echo(f"wrote {path} (gamma={gamma}, stream layers={stream_layers}, mode={mode})")
+
+
+def _read_prompt(prompt: str) -> str:
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UsageError("the prompt is empty: pass text with -p/--prompt (or - for stdin)")
+    return prompt
+
+
+def _format_prompt(tokenizer, prompt, system_prompt, ignore_chat_template):
+    if ignore_chat_template or getattr(tokenizer, "chat_template", None) is None:
+        return prompt
+    messages = [{"role": "user", "content": prompt}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@app.command()
+def generate(
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id."),
+    prompt: str = typer.Option(..., "-p", "--prompt", help="Prompt text, or - to read stdin."),
+    max_tokens: int = typer.Option(256, "-m", "--max-tokens", help="Maximum tokens to generate."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(0.0, "--top-p", help="Nucleus sampling (0 or 1: off)."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the top-k tokens (0: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System message."),
+    ignore_chat_template: bool = typer.Option(False, "--ignore-chat-template", help="Use the raw prompt."),
+    no_spec: bool = typer.Option(False, "--no-spec", help="Plain one-token decoding (baseline)."),
+    tree_width: Optional[str] = typer.Option(None, "--tree-width", help="Children per depth, e.g. 3,2,1."),
+    max_nodes: Optional[int] = typer.Option(None, "--max-nodes", help="Cap on tree rows (root included)."),
+    prune_threshold: Optional[float] = typer.Option(None, "--prune-threshold", help="Early-exit pruning threshold."),
+    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the statistics as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", help="Print backend, BLAS and dtype."),
+):
+    """Generate text, printing it as it comes, then the statistics."""
+    from .decode import TreeSettings
+
+    def run():
+        if model is None:
+            raise UsageError("give --model (a checkpoint made with `specstream-mlx init` or convert)")
+        if max_tokens < 1:
+            raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+        if temp < 0:
+            raise UsageError(f"--temp must be >= 0, got {temp}")
+        if max_nodes is not None and max_nodes < 1:
+            raise UsageError(f"--max-nodes must be >= 1, got {max_nodes}")
+        text = _read_prompt(prompt)
+        widths = _parse_widths(tree_width)
+        from . import generate as api
+        from .loading import load
+
+        ss_model, tokenizer = load(model)
+        defaults = ss_model.config.tree
+        tree = TreeSettings(
+            widths or tuple(defaults.widths),
+            max_nodes if max_nodes is not None else (None if widths else defaults.max_nodes),
+            prune_threshold if prune_threshold is not None else defaults.prune_threshold,
+        )
+        if verbose:
+            typer.echo(describe_runtime(ss_model), err=True)
+        full = _format_prompt(tokenizer, text, system_prompt, ignore_chat_template)
+        last = None
+        for last in api.stream_generate(
+            ss_model, tokenizer, full, max_tokens, temp=temp, top_p=top_p, top_k=top_k,
+            seed=seed, tree=tree, speculative=not no_spec,
+        ):
+            typer.echo(last.text, nl=False)
+        typer.echo()
+        typer.echo(api.format_stats(last))
+        if stats_json is not None:
+            stats_json.write_text(json.dumps(last.stats(), indent=2) + "\n")
+
+    _run(run)
+
+
+def describe_runtime(model) -> str:
+    """Backend, BLAS and dtype, for ``--verbose``."""
+    import mlx.core as mx
+
+    from . import _blas
+
+    device = mx.default_device()
+    backend = "cpu"
+    if device == mx.gpu:
+        backend = "gpu-metal" if mx.metal.is_available() else "gpu-cuda"
+    dtype = model.base.model.norm.weight.dtype
+    return (
+        f"[specstream-mlx] mlx {mx.__version__}, backend {backend}, dtype {dtype}, "
+        f"{_blas.describe()}, gamma={model.config.gamma}, "
+        f"stream layers={model.config.stream_layers}, mode={model.config.mode}"
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    app(args=argv)
+
+
+if __name__ == "__main__":
+    main()

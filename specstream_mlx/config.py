@@ -1,0 +1,120 @@
+"""``specstream.json``: what a checkpoint adds to its mlx-lm model directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "specstream.json"
+WEIGHTS_FILE = "specstream.safetensors"
+MODES = ("lossless", "shared")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or does not fit its base model."""
+
+
+@dataclass
+class TreeDefaults:
+    """Default draft-tree settings stored with a checkpoint.
+
+    Attributes:
+        widths: children per node at each depth (len <= gamma).
+        max_nodes: cap on tree rows, root included (``None``: no cap).
+        prune_threshold: early-exit path probability under which sub-trees are
+            dropped before the multi-stream layers (``None``: no pruning).
+    """
+
+    widths: tuple = (3, 2, 1)
+    max_nodes: Optional[int] = 16
+    prune_threshold: Optional[float] = None
+
+
+@dataclass
+class SpecStreamConfig:
+    """Settings of the speculative streams.
+
+    Attributes:
+        gamma: number of speculative streams (tree depth).
+        stream_layers: ``Ns``, the top layers that run multi-stream attention.
+        mode: ``"lossless"`` (main stream never sees streams: output is the
+            base model's) or ``"shared"`` (main rows see their own streams).
+        prune_rank: rank of the early-exit pruning adapter.
+        hidden_size, vocab_size, num_layers: of the base model, checked at load.
+        tree: default tree settings.
+        format_version: of this file.
+    """
+
+    gamma: int = 3
+    stream_layers: int = 4
+    mode: str = "lossless"
+    prune_rank: int = 8
+    hidden_size: int = 0
+    vocab_size: int = 0
+    num_layers: int = 0
+    tree: TreeDefaults = field(default_factory=TreeDefaults)
+    format_version: int = FORMAT_VERSION
+
+    def validate(self) -> None:
+        """Raise ``CheckpointError`` on settings that cannot work."""
+        if self.mode not in MODES:
+            raise CheckpointError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.gamma < 1:
+            raise CheckpointError(f"gamma must be >= 1, got {self.gamma}")
+        if not 1 <= self.stream_layers <= self.num_layers:
+            raise CheckpointError(
+                f"stream_layers must be in 1..{self.num_layers} (the base model's layers), "
+                f"got {self.stream_layers}"
+            )
+        if len(self.tree.widths) > self.gamma:
+            raise CheckpointError(
+                f"tree depth {len(self.tree.widths)} exceeds gamma={self.gamma}"
+            )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["tree"]["widths"] = list(self.tree.widths)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SpecStreamConfig":
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{CONFIG_FILE} has format_version {version!r}; this specstream-mlx reads "
+                f"version {FORMAT_VERSION}. Upgrade specstream-mlx or re-create the checkpoint."
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise CheckpointError(f"{CONFIG_FILE} has unknown keys {sorted(unknown)}")
+        tree = data.get("tree", {})
+        try:
+            tree = TreeDefaults(**{**tree, "widths": tuple(tree.get("widths", (3, 2, 1)))})
+            return cls(**{**data, "tree": tree})
+        except TypeError as exc:
+            raise CheckpointError(f"{CONFIG_FILE} is malformed: {exc}") from None
+
+
+def read_config(model_dir: Path) -> SpecStreamConfig:
+    """Read and validate ``specstream.json`` in ``model_dir``."""
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{model_dir} has no {CONFIG_FILE}: it is not a specstream-mlx checkpoint. "
+            f"Create one with `specstream-mlx init --model {model_dir} --out DIR`."
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return SpecStreamConfig.from_dict(data)
+
+
+def write_config(config: SpecStreamConfig, model_dir: Path) -> None:
+    (Path(model_dir) / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")

@@ -1,0 +1,153 @@
+"""One multi-stream forward: verify a tree (or a chunk), emit, and draft.
+
+Rows of the lower ``N - Ns`` layers are the main rows only. At the input of
+layer ``N - Ns`` the tree may be pruned (early exit), then each row in
+``rows.stream_nodes`` gets ``gamma`` stream rows ``h + P[j]`` that run through
+the top ``Ns`` layers next to the main rows, under the MSA mask (``masks``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import LayerCache, StepView, rope_offset
+from .families import embed, lm_head
+from .masks import Rows, build_mask, msa_block, row_positions
+from .model import SpecStreamModel
+from .tree import Tree, prune_tree
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Early-exit pruning of a tree before the multi-stream layers.
+
+    Attributes:
+        threshold: minimum path probability of a surviving node.
+        max_keep: optional cap on surviving rows, root included.
+    """
+
+    threshold: float
+    max_keep: Optional[int] = None
+
+
+@dataclass
+class ForwardOutput:
+    """Final-norm hidden states of one forward (logits are computed on demand).
+
+    Attributes:
+        main_hidden: ``(K, H)`` for the main rows that reached the top layers.
+        stream_hidden: ``(S, gamma, H)`` for the stream rows, or ``None``.
+        kept: sorted indices of the main rows kept by pruning, or ``None`` (all).
+        stream_slot: ``(K,)`` slot of each kept row in ``stream_hidden`` (-1: none).
+    """
+
+    main_hidden: mx.array
+    stream_hidden: Optional[mx.array]
+    kept: Optional[np.ndarray]
+    stream_slot: np.ndarray
+
+
+def logits(model: SpecStreamModel, hidden: mx.array) -> mx.array:
+    """LM-head logits of final-norm hidden states. ``(..., H) -> (..., V)``."""
+    return lm_head(model.base, hidden)
+
+
+def _run_layers(model, h, layer_ids, block, positions, is_chain, cache):
+    """Run ``layer_ids`` on ``h`` ``(1, L, H)`` with one mask per window size."""
+    length = cache[0].length
+    offset = rope_offset(length, positions)
+    masks = {}
+    for i in layer_ids:
+        window = model.windows[i]
+        if window not in masks:
+            masks[window] = build_mask(block, length, positions, window, is_chain)
+        h = model.layers[i](h, masks[window], cache=StepView(cache[i], offset))
+    return h
+
+
+def _edge_logprobs(model, h: mx.array, tokens: mx.array, tree: Tree) -> mx.array:
+    """Early-exit ``log p(token_i | parent_i)`` for every node. ``(1, N, H) -> (N,)``."""
+    parents = tree.parents[1:]
+    sources = np.unique(parents)  # rows whose next-token distribution we need
+    row_of = np.searchsorted(sources, parents)
+    exits = model.base.model.norm(model.prune_adapter(h[0, mx.array(sources)]))
+    out = logits(model, exits).astype(mx.float32)  # (P, V)
+    lse = mx.logsumexp(out, axis=-1)  # (P,)
+    rows = mx.array(row_of)
+    picked = out[rows, tokens[1:]] - lse[rows]
+    return mx.concatenate([mx.zeros((1,)), picked])
+
+
+def forward(
+    model: SpecStreamModel,
+    tokens: mx.array,
+    rows: Rows,
+    cache: Sequence[LayerCache],
+    *,
+    tree: Optional[Tree] = None,
+    prune: Optional[PruneSettings] = None,
+) -> ForwardOutput:
+    """Run the model on new rows, writing their keys/values as pending in ``cache``.
+
+    Nothing is committed: call ``cache.commit`` with the accepted rows.
+
+    Args:
+        model: the Speculative Streaming model.
+        tokens: ``(M,)`` token ids of the main rows.
+        rows: their structure (positions, ancestor mask, stream rows).
+        cache: the tree cache (one ``LayerCache`` per layer).
+        tree: the draft tree's topology (``rows`` must be its rows), needed
+            only for pruning.
+        prune: pruning settings, or ``None``.
+
+    Returns:
+        A ``ForwardOutput``.
+    """
+    config = model.config
+    gamma, split = config.gamma, model.first_stream_layer
+    shared = config.mode == "shared"
+
+    h = embed(model.family, model.base, tokens[None])  # (1, M, H)
+    h = _run_layers(
+        model, h, range(split), rows.ancestors, rows.depth, rows.is_chain, cache
+    )
+
+    kept = None
+    if prune is not None and tree is not None and tree.size > 1:
+        edges = _edge_logprobs(model, h, tokens, tree)
+        kept = prune_tree(tree, np.array(edges), prune.threshold, prune.max_keep)
+        if kept.size < rows.size:
+            remap = -np.ones(rows.size, dtype=np.int64)
+            remap[kept] = np.arange(kept.size)
+            nodes = remap[rows.stream_nodes]
+            rows = replace(
+                rows,
+                depth=rows.depth[kept],
+                ancestors=rows.ancestors[np.ix_(kept, kept)],
+                stream_nodes=nodes[nodes >= 0],
+            )
+            h = h[:, mx.array(kept)]
+        else:
+            kept = None
+
+    n_main, n_stream = rows.size, rows.stream_nodes.shape[0]
+    if n_stream:
+        table = model.stream_embeddings.astype(h.dtype)  # (gamma, H)
+        streams = h[:, mx.array(rows.stream_nodes)][:, :, None, :] + table  # (1, S, gamma, H)
+        h = mx.concatenate([h, streams.reshape(1, n_stream * gamma, -1)], axis=1)
+        block = msa_block(rows, gamma, shared)
+        positions = row_positions(rows, gamma, with_streams=True)
+        is_chain = False
+    else:
+        block, positions, is_chain = rows.ancestors, rows.depth, rows.is_chain
+    h = _run_layers(model, h, range(split, model.num_layers), block, positions, is_chain, cache)
+    h = model.base.model.norm(h[0])  # (M' + S*gamma, H)
+
+    slot = -np.ones(n_main, dtype=np.int64)
+    slot[rows.stream_nodes] = np.arange(n_stream)
+    stream_hidden = h[n_main:].reshape(n_stream, gamma, -1) if n_stream else None
+    return ForwardOutput(h[:n_main], stream_hidden, kept, slot)

@@ -1,0 +1,267 @@
+"""Load and create Speculative Streaming checkpoints.
+
+A checkpoint is an mlx-lm model directory plus ``specstream.json`` and
+``specstream.safetensors`` (stream embeddings, pruning adapter). The base part
+stays loadable by mlx-lm itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+import mlx.core as mx
+from mlx.utils import tree_map, tree_unflatten
+
+from .config import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    SpecStreamConfig,
+    TreeDefaults,
+    read_config,
+    write_config,
+)
+from .families import family_for
+from .model import SpecStreamModel
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
+    """A local directory for ``path_or_repo``: the path itself, or a hub download.
+
+    Raises:
+        CheckpointError: neither a local directory nor a downloadable repo.
+    """
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; give the model directory that holds it")
+        return path
+    if not _REPO_ID.match(str(path_or_repo)):
+        raise CheckpointError(f"model path {path_or_repo!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(path_or_repo, revision=revision, allow_patterns=_HUB_PATTERNS)
+        )
+    except Exception as exc:  # network, auth, missing repo: all end the same way
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{path_or_repo!r} is not a local directory, and downloading it from the "
+            f"Hugging Face hub failed ({reason}). Check the path, or connect to the "
+            f"network (set HF_HUB_OFFLINE=0) so the repo can be fetched."
+        ) from None
+
+
+def _read_base_config(path: Path) -> dict:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} has no config.json: it is not an mlx-lm model directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from None
+    weights = [p for p in path.glob("*.safetensors") if p.name != WEIGHTS_FILE]
+    if not weights:
+        raise CheckpointError(
+            f"{path} holds no model weights (*.safetensors); convert the model first "
+            f"(mlx_lm.convert, or specstream-mlx convert)"
+        )
+    return config
+
+
+def _load_base(path: Path, dtype: Optional[mx.Dtype]):
+    """The mlx-lm model and tokenizer in ``path``, cast to ``dtype`` when given."""
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    config = _read_base_config(path)
+    family = family_for(config.get("model_type"))
+    try:
+        base, config = load_model(path)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"could not load the model in {path}: {exc}") from None
+    if dtype is None and mx.default_device() == mx.cpu:
+        dtype = mx.float32  # float16/bfloat16 matmuls are slow on CPUs
+    if dtype is not None:
+        base.update(
+            tree_map(
+                lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
+                base.parameters(),
+            )
+        )
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    return base, tokenizer, config, family
+
+
+def _base_dims(base) -> Tuple[int, int, int]:
+    args = base.args
+    return args.hidden_size, args.vocab_size, len(base.model.layers)
+
+
+def _check_fits(config: SpecStreamConfig, base, where: Path) -> None:
+    hidden, vocab, layers = _base_dims(base)
+    for name, have, want in (
+        ("hidden size", config.hidden_size, hidden),
+        ("vocabulary size", config.vocab_size, vocab),
+        ("layer count", config.num_layers, layers),
+    ):
+        if have != want:
+            raise CheckpointError(
+                f"{where / CONFIG_FILE} was made for a base model with {name} {have}, "
+                f"but the model in {where} has {want}: the streams do not belong to this model"
+            )
+    config.validate()
+
+
+def _load_streams(model: SpecStreamModel, path: Path) -> None:
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    try:
+        weights = mx.load(str(file))
+    except Exception as exc:
+        raise CheckpointError(f"{file} is corrupt or not safetensors ({exc})") from None
+    expected = model.stream_parameters()
+    missing = sorted(set(expected) - set(weights))
+    unknown = sorted(set(weights) - set(expected))
+    if missing or unknown:
+        raise CheckpointError(
+            f"{file} does not match {CONFIG_FILE}: missing {missing}, unexpected {unknown}"
+        )
+    for name, value in weights.items():
+        if value.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{file}: {name} has shape {tuple(value.shape)}, expected "
+                f"{tuple(expected[name].shape)} from {CONFIG_FILE} and the base model"
+            )
+    dtype = model.base.model.norm.weight.dtype
+    model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
+
+
+def load(
+    path_or_repo: str,
+    dtype: Optional[mx.Dtype] = None,
+    revision: Optional[str] = None,
+) -> Tuple[SpecStreamModel, object]:
+    """Load a Speculative Streaming checkpoint.
+
+    Args:
+        path_or_repo: a local checkpoint directory or a Hugging Face repo id.
+        dtype: cast floating weights to this dtype; by default float32 on the
+            CPU (half-precision matmuls are slow there) and as stored elsewhere.
+        revision: hub revision, for repo ids.
+
+    Returns:
+        ``(model, tokenizer)``: a ``SpecStreamModel`` and mlx-lm's ``TokenizerWrapper``.
+
+    Raises:
+        CheckpointError: missing, corrupt or mismatched files.
+        UnsupportedArchitectureError: a ``model_type`` the runtime cannot drive.
+    """
+    path = resolve_path(path_or_repo, revision)
+    _read_base_config(path)
+    config = read_config(path)
+    base, tokenizer, _, family = _load_base(path, dtype)
+    _check_fits(config, base, path)
+    model = SpecStreamModel(base, config, family)
+    _load_streams(model, path)
+    mx.eval(model.parameters())
+    return model, tokenizer
+
+
+def _atomic_dir(out: Path, overwrite: bool):
+    """A temporary sibling of ``out`` to fill, and a function that publishes it."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+
+    def publish():
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+
+    return tmp, publish
+
+
+def save_streams(model: SpecStreamModel, directory: Path) -> None:
+    """Write ``specstream.json`` and ``specstream.safetensors`` into ``directory``."""
+    write_config(model.config, directory)
+    mx.save_safetensors(
+        str(Path(directory) / WEIGHTS_FILE),
+        {k: v.astype(mx.float32) for k, v in model.stream_parameters().items()},
+        metadata={"format": "mlx", "producer": "specstream-mlx"},
+    )
+
+
+def init_checkpoint(
+    base_path: str,
+    out: str,
+    gamma: int = 3,
+    stream_layers: int = 4,
+    mode: str = "lossless",
+    seed: int = 0,
+    tree: Optional[TreeDefaults] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Turn a plain mlx-lm model into a checkpoint with fresh (untrained) streams.
+
+    The base files are copied unchanged; the output appears only when complete.
+
+    Args:
+        base_path: mlx-lm model directory or hub repo id.
+        out: output directory (must not exist unless ``overwrite``).
+        gamma: number of streams; stream_layers: ``Ns``; mode: lossless|shared.
+        seed: seed for the stream embeddings and adapter.
+        tree: default tree settings stored in the checkpoint.
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        The output path.
+    """
+    src = resolve_path(base_path)
+    base_config = _read_base_config(src)
+    family = family_for(base_config.get("model_type"))
+    from mlx_lm.utils import load_model
+
+    try:
+        base, _ = load_model(src, lazy=True)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"could not load the model in {src}: {exc}") from None
+    hidden, vocab, layers = _base_dims(base)
+    tree = tree or TreeDefaults()
+    if len(tree.widths) > gamma:
+        tree = TreeDefaults(tuple(tree.widths[:gamma]), tree.max_nodes, tree.prune_threshold)
+    config = SpecStreamConfig(
+        gamma=gamma, stream_layers=stream_layers, mode=mode,
+        hidden_size=hidden, vocab_size=vocab, num_layers=layers, tree=tree,
+    )
+    config.validate()
+    model = SpecStreamModel(base, config, family)
+    mx.random.seed(seed)
+    model.stream_embeddings = 0.02 * mx.random.normal((gamma, hidden))
+    model.prune_adapter.down.weight = mx.random.normal((config.prune_rank, hidden)) * hidden**-0.5
+
+    tmp, publish = _atomic_dir(Path(out), overwrite)
+    try:
+        for item in src.iterdir():
+            if item.name in (CONFIG_FILE, WEIGHTS_FILE) or item.name.startswith("."):
+                continue
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+        save_streams(model, tmp)
+        publish()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(out)

@@ -1,0 +1,88 @@
+"""The Speculative Streaming model: an mlx-lm model plus its stream parameters.
+
+Decoding state (caches, masks, positions) never lives here: ``forward.forward``
+takes it as arguments.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import SpecStreamConfig
+from .families import Family, layer_windows
+from .rope import install_positional_rope
+
+
+class PruneAdapter(nn.Module):
+    """Rank-r residual adapter for the early-exit pruning head.
+
+    ``h -> h + up(down(h))``; ``up`` starts at zero, so an untrained adapter is
+    the plain "logit lens" of layer ``N - Ns``.
+    """
+
+    def __init__(self, hidden: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(rank, hidden, bias=False)
+        self.up.weight = mx.zeros_like(self.up.weight)
+
+    def __call__(self, h: mx.array) -> mx.array:
+        return h + self.up(self.down(h))
+
+
+class SpecStreamModel(nn.Module):
+    """An mlx-lm model with ``gamma`` speculative streams in its top layers.
+
+    Attributes:
+        base: the mlx-lm model (its weights are the base or fine-tuned model).
+        stream_embeddings: ``(gamma, hidden)`` table ``P``; stream ``j`` of a
+            position enters layer ``N - Ns`` as ``h + P[j - 1]``.
+        prune_adapter: the early-exit adapter used for tree pruning.
+    """
+
+    def __init__(self, base: nn.Module, config: SpecStreamConfig, family: Family) -> None:
+        super().__init__()
+        self.base = base
+        self.stream_embeddings = mx.zeros((config.gamma, config.hidden_size))
+        self.prune_adapter = PruneAdapter(config.hidden_size, config.prune_rank)
+        # Plain Python attributes: not parameters, not decoding state.
+        self._config = config
+        self._family = family
+        self._windows = layer_windows(family, base)
+        install_positional_rope(base.model.layers)
+
+    @property
+    def config(self) -> SpecStreamConfig:
+        return self._config
+
+    @property
+    def family(self) -> Family:
+        return self._family
+
+    @property
+    def windows(self) -> list:
+        return self._windows
+
+    @property
+    def layers(self) -> list:
+        return self.base.model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.base.model.layers)
+
+    @property
+    def first_stream_layer(self) -> int:
+        """Index of the first multi-stream layer, ``N - Ns``."""
+        return self.num_layers - self._config.stream_layers
+
+    def stream_parameters(self) -> dict:
+        """The parameters stored in ``specstream.safetensors`` (flat names)."""
+        from mlx.utils import tree_flatten
+
+        params = {"stream_embeddings": self.stream_embeddings}
+        params.update(
+            {f"prune_adapter.{k}": v for k, v in tree_flatten(self.prune_adapter.parameters())}
+        )
+        return params

@@ -1,0 +1,119 @@
+"""Verification rules: which drafted tokens the model accepts.
+
+Greedy verification is ``tree.accept_greedy``. This module adds sampling:
+the target distribution (mlx-lm's temperature / top-p / min-p / top-k
+semantics) and tree rejection sampling, which keeps the output distribution
+exactly the model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+from .tree import Tree
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings with mlx-lm's meaning (``temp == 0``: greedy).
+
+    Raises:
+        ValueError: on a negative temperature or out-of-range filter.
+    """
+
+    temp: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    def __post_init__(self):
+        if self.temp < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temp}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top-p must be in [0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min-p must be in [0, 1], got {self.min_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temp == 0
+
+
+def target_logits(logits: mx.array, params: SamplingParams) -> mx.array:
+    """Logits whose softmax is the distribution mlx-lm's sampler draws from.
+
+    mlx-lm's sampler filters log-probabilities (top-p, then min-p, then top-k;
+    filtered tokens become ``-inf``) and samples ``categorical(logprobs / temp)``.
+
+    Args:
+        logits: ``(..., V)`` raw logits.
+        params: sampling settings (``temp > 0``).
+
+    Returns:
+        ``(..., V)`` float32 logits; ``softmax`` of them is the target ``p``.
+    """
+    logprobs = logits.astype(mx.float32)
+    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    if 0 < params.top_p < 1.0:
+        logprobs = apply_top_p(logprobs, params.top_p)
+    if params.min_p != 0.0:
+        logprobs = apply_min_p(logprobs, params.min_p)
+    if params.top_k > 0:
+        logprobs = apply_top_k(logprobs, params.top_k)
+    return logprobs * (1.0 / params.temp)
+
+
+def accept_sampling(
+    tree: Tree, child_probs: np.ndarray, uniforms: np.ndarray
+) -> tuple[list[int], list[int]]:
+    """Tree rejection sampling with deterministic (top-k) drafts.
+
+    At node ``u`` with target distribution ``p_u`` the children ``c_1..c_m``
+    (distinct tokens, best draft first) are tried in turn. The draft
+    distribution of a deterministic draft is one-hot, so the usual rule
+    ``accept with min(1, p(c) / q(c))`` becomes ``accept with p'(c)``, where
+    ``p'`` is ``p_u`` with the already rejected children removed and
+    renormalised: ``p'(c_i) = p_u(c_i) / (1 - sum_{l<i} p_u(c_l))``. On
+    acceptance the walk moves to ``c_i``. If every child is rejected, the next
+    token is drawn from ``p_u`` with all children removed (renormalised).
+
+    Why this is exact: the chance that ``c_i`` is emitted is
+    ``prod_{l<i}(1 - p'(c_l)) * p'(c_i) = p_u(c_i)`` (the product telescopes to
+    ``1 - sum_{l<i} p_u(c_l)``), and any other token ``x`` is emitted with
+    ``(1 - sum_l p_u(c_l)) * p_u(x) / (1 - sum_l p_u(c_l)) = p_u(x)``. So every
+    emitted token has exactly the model's distribution given the accepted path.
+
+    Args:
+        tree: tree with tokens.
+        child_probs: ``(N,)``, ``p_{parent(i)}(token_i)`` under the target
+            distribution (entry 0 unused).
+        uniforms: ``(N,)`` independent U(0, 1) draws (entry 0 unused).
+
+    Returns:
+        ``(path, excluded)``: accepted node indices from the root, and the
+        tokens to remove from the last node's distribution before drawing the
+        next token (its rejected children; empty when it has none).
+    """
+    assert tree.tokens is not None, "tree needs tokens"
+    path = [0]
+    while True:
+        node = path[-1]
+        remaining = 1.0  # target mass not yet rejected at this node
+        rejected: list[int] = []
+        moved = False
+        for child in tree.children[node]:
+            p = float(child_probs[child])
+            if remaining > 0 and uniforms[child] * remaining < p:
+                path.append(child)
+                moved = True
+                break
+            remaining -= p
+            rejected.append(int(tree.tokens[child]))
+        if not moved:
+            return path, rejected

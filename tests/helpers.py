@@ -1,0 +1,98 @@
+"""Tiny random models and a byte-level tokenizer, built in the tests (no downloads)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+VOCAB = 272  # 256 bytes + specials + spare ids
+
+BASE = dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+            vocab_size=VOCAB, max_position_embeddings=2048)
+
+CONFIGS = {
+    "llama": dict(BASE, model_type="llama", tie_word_embeddings=True),
+    "mistral": dict(BASE, model_type="mistral", tie_word_embeddings=False),
+    "qwen2": dict(BASE, model_type="qwen2", tie_word_embeddings=False, rope_theta=1e6),
+    "qwen3": dict(BASE, model_type="qwen3", tie_word_embeddings=True, head_dim=16,
+                  rope_theta=1e6),
+    "phi3": dict(BASE, model_type="phi3", tie_word_embeddings=False),
+    "gemma3_text": dict(BASE, model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=16,
+                        sliding_window=8, sliding_window_pattern=2, rope_local_base_freq=1e4,
+                        rope_theta=1e6, rope_scaling=None),
+}
+FAMILIES = ["llama", "qwen2", "phi3", "gemma3_text", "qwen3", "mistral"]
+
+
+def base_model(family: str, seed: int = 0):
+    """A random mlx-lm model of ``family`` (float32)."""
+    from mlx_lm.utils import _get_classes
+
+    config = dict(CONFIGS[family])
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    mx.random.seed(seed)
+    # Re-draw every weight so different seeds give different models; scale up
+    # so the logits are peaked enough to make greedy decoding well defined.
+    params = tree_map(lambda p: mx.random.normal(p.shape) * 0.08, model.parameters())
+    model.update(params)
+    for layer in model.model.layers:  # norms at 1 (Gemma's at 0: it adds 1)
+        for name, child in layer.children().items():
+            if "norm" in name and hasattr(child, "weight"):
+                child.weight = mx.zeros_like(child.weight) if "gemma" in family else mx.ones_like(child.weight)
+    mx.eval(model.parameters())
+    return model, config
+
+
+def write_tokenizer(path: Path, chat_template: bool = True) -> None:
+    """A byte-level BPE tokenizer with no merges: one token per byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<s>"] = 256
+    vocab["</s>"] = 257
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(path / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    if chat_template:
+        config["chat_template"] = (
+            "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}"
+        )
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def write_base(path: Path, family: str, seed: int = 0) -> Path:
+    """Save a random mlx-lm model directory (config, weights, tokenizer)."""
+    path.mkdir(parents=True, exist_ok=True)
+    model, config = base_model(family, seed)
+    config = dict(config, eos_token_id=257, bos_token_id=256)
+    (path / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    write_tokenizer(path)
+    return path
+
+
+def reference_tokens(base, prompt, max_tokens: int) -> list:
+    """Greedy tokens from mlx-lm's own decoding loop."""
+    from mlx_lm.generate import generate_step
+
+    out = []
+    for token, _ in generate_step(mx.array(prompt), base, max_tokens=max_tokens):
+        out.append(int(token))
+    return out
+
+
+def random_prompt(length: int, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    return [int(t) for t in rng.integers(0, 256, size=length)]
