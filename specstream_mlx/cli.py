@@ -14,6 +14,7 @@ from . import _blas  # noqa: F401  (loads OpenBLAS before mlx)
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
     help="Speculative Streaming decoding on MLX: one model drafts its own future tokens.",
 )
 
@@ -124,7 +125,7 @@ def generate(
             raise UsageError(f"--max-nodes must be >= 1, got {max_nodes}")
         text = _read_prompt(prompt)
         widths = _parse_widths(tree_width)
-        from . import generate as api
+        from .generate import format_stats, stream_generate
         from .loading import load
 
         ss_model, tokenizer = load(model)
@@ -138,13 +139,13 @@ def generate(
             typer.echo(describe_runtime(ss_model), err=True)
         full = _format_prompt(tokenizer, text, system_prompt, ignore_chat_template)
         last = None
-        for last in api.stream_generate(
+        for last in stream_generate(
             ss_model, tokenizer, full, max_tokens, temp=temp, top_p=top_p, top_k=top_k,
             seed=seed, tree=tree, speculative=not no_spec,
         ):
             typer.echo(last.text, nl=False)
         typer.echo()
-        typer.echo(api.format_stats(last))
+        typer.echo(format_stats(last))
         if stats_json is not None:
             stats_json.write_text(json.dumps(last.stats(), indent=2) + "\n")
 

@@ -58,6 +58,8 @@ def write_tokenizer(path: Path, chat_template: bool = True) -> None:
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab["<s>"] = 256
     vocab["</s>"] = 257
+    for extra in range(258, VOCAB):  # one token per model id, so every id decodes
+        vocab[f"<x{extra}>"] = extra
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -96,3 +98,35 @@ def reference_tokens(base, prompt, max_tokens: int) -> list:
 def random_prompt(length: int, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
     return [int(t) for t in rng.integers(0, 256, size=length)]
+
+
+def ss_model(family: str, gamma: int = 3, stream_layers: int = 2, mode: str = "lossless",
+             seed: int = 0):
+    """A ``SpecStreamModel`` over a random base with random (untrained) streams."""
+    from specstream_mlx.config import SpecStreamConfig
+    from specstream_mlx.families import family_for
+    from specstream_mlx.model import SpecStreamModel
+
+    base, config = base_model(family, seed)
+    spec = SpecStreamConfig(
+        gamma=gamma, stream_layers=stream_layers, mode=mode,
+        hidden_size=config["hidden_size"], vocab_size=VOCAB,
+        num_layers=config["num_hidden_layers"],
+    )
+    model = SpecStreamModel(base, spec, family_for(config["model_type"]))
+    mx.random.seed(seed + 1)
+    hidden = config["hidden_size"]
+    model.stream_embeddings = mx.random.normal((gamma, hidden)) * 0.5
+    model.prune_adapter.down.weight = mx.random.normal((8, hidden)) * hidden**-0.5
+    model.prune_adapter.up.weight = mx.random.normal((hidden, 8)) * 0.05
+    mx.eval(model.parameters())
+    return model
+
+
+def decode_tokens(model, prompt, max_tokens, **kwargs) -> tuple:
+    """Tokens from ``decode`` truncated to ``max_tokens``, plus the steps."""
+    from specstream_mlx.decode import decode
+
+    steps = list(decode(model, prompt, max_tokens, **kwargs))
+    tokens = [t for s in steps for t in s.tokens][:max_tokens]
+    return tokens, steps

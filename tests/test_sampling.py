@@ -1,0 +1,137 @@
+"""Tree rejection sampling keeps the model's distribution (chi-square tests)."""
+
+import functools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+import specstream_mlx.decode as decode_module  # noqa: E402
+from helpers import decode_tokens, random_prompt, ss_model  # noqa: E402
+from specstream_mlx.decode import TreeSettings  # noqa: E402
+from specstream_mlx.verify import SamplingParams, accept_sampling, target_logits  # noqa: E402
+
+SAMPLING = SamplingParams(temp=1.3, top_k=6)
+PROMPT = random_prompt(8, seed=11)
+RUNS = 1500
+
+
+@functools.lru_cache(maxsize=None)
+def _model():
+    return ss_model("llama", seed=4)
+
+
+def _next_probs(base, tokens):
+    logits = base(mx.array(tokens)[None])[0, -1]
+    return np.array(mx.softmax(target_logits(logits, SAMPLING), axis=-1))
+
+
+def _exact_marginals(base, steps):
+    """Exact distribution of the token at each of the first ``steps`` positions."""
+    frontier = {(): 1.0}
+    marginals = []
+    for _ in range(steps):
+        nxt, marginal = {}, {}
+        for prefix, weight in frontier.items():
+            probs = _next_probs(base, PROMPT + list(prefix))
+            for token in np.nonzero(probs > 0)[0]:
+                w = weight * probs[token]
+                nxt[prefix + (int(token),)] = w
+                marginal[int(token)] = marginal.get(int(token), 0.0) + w
+        frontier = nxt
+        marginals.append(marginal)
+    return marginals
+
+
+def _fixed_drafts(monkeypatch):
+    """Draft the most likely tokens of each position (any fixed drafts are valid).
+
+    Untrained streams rarely guess right; the correctness argument holds for
+    any deterministic drafts, so fixed, often-right drafts make the test strong.
+    """
+    marginals = _marginals()
+    table = []
+    for position in (1, 2):
+        ranked = sorted(marginals[position], key=marginals[position].get, reverse=True)
+        table += (ranked + ranked[:1] * 3)[:3]
+    fixed = mx.array(table)
+    monkeypatch.setattr(decode_module, "_draft_table", lambda *args: fixed)
+
+
+def _sample_runs(steps, seed=0):
+    mx.random.seed(seed)
+    samples = []
+    accepted = 0
+    for _ in range(RUNS):
+        tokens, trace = decode_tokens(_model(), PROMPT, steps, sampling=SAMPLING,
+                                      tree=TreeSettings((3, 2), None))
+        samples.append(tokens)
+        accepted += sum(s.accepted for s in trace)
+    return np.array(samples), accepted
+
+
+def _p_value(observed_tokens, expected):
+    keys = sorted(expected)
+    probs = np.array([expected[k] for k in keys], dtype=np.float64)
+    counts = np.array([(observed_tokens == k).sum() for k in keys], dtype=float)
+    assert counts.sum() == observed_tokens.size, "sampled a token the model forbids"
+    want = probs / probs.sum() * counts.sum()
+    small = want < 5  # pool rare cells so the chi-square approximation holds
+    if small.any():
+        counts = np.append(counts[~small], counts[small].sum())
+        want = np.append(want[~small], want[small].sum())
+    return scipy_stats.chisquare(counts, want).pvalue
+
+
+@functools.lru_cache(maxsize=None)
+def _marginals():
+    return _exact_marginals(_model().base, 3)
+
+
+def test_tree_sampling_matches_model_distribution(monkeypatch):
+    _fixed_drafts(monkeypatch)
+    samples, accepted = _sample_runs(3)
+    assert accepted > RUNS // 5, "drafts were rarely accepted; the test would be weak"
+    for position in range(3):
+        p = _p_value(samples[:, position], _marginals()[position])
+        assert p > 1e-3, f"token {position + 1}: p = {p:.2e}"
+
+
+def test_chi_square_catches_a_broken_acceptance_rule(monkeypatch):
+    def accept_without_renormalising(tree, child_probs, uniforms):
+        # Bug: accepts the best draft whenever the model gives it any mass.
+        path = [0]
+        while tree.children[path[-1]]:
+            first = tree.children[path[-1]][0]
+            if child_probs[first] <= 0:
+                break
+            path.append(first)
+        return path, []
+
+    _fixed_drafts(monkeypatch)
+    monkeypatch.setattr(decode_module, "accept_sampling", accept_without_renormalising)
+    samples, _ = _sample_runs(2, seed=1)
+    p = _p_value(samples[:, 1], _marginals()[1])
+    assert p < 1e-6
+
+
+def test_accept_sampling_rule():
+    from specstream_mlx.tree import build_tree
+
+    tree = build_tree((2,)).with_tokens(np.array([0, 5, 6]))
+    probs = np.array([0.0, 0.5, 0.3])
+    # First child accepted when u * 1 < 0.5.
+    assert accept_sampling(tree, probs, np.array([0, 0.49, 0.9])) == ([0, 1], [])
+    # First rejected; second accepted when u * (1 - 0.5) < 0.3, i.e. u < 0.6.
+    assert accept_sampling(tree, probs, np.array([0, 0.51, 0.59])) == ([0, 2], [])
+    # Both rejected: draw from the residual without tokens 5 and 6.
+    assert accept_sampling(tree, probs, np.array([0, 0.51, 0.61])) == ([0], [5, 6])
+
+
+def test_bad_sampling_settings():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temp=-1)
+    with pytest.raises(ValueError, match="top-p"):
+        SamplingParams(temp=1, top_p=2)
