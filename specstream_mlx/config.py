@@ -43,6 +43,8 @@ class SpecStreamConfig:
         mode: ``"lossless"`` (main stream never sees streams: output is the
             base model's) or ``"shared"`` (main rows see their own streams).
         prune_rank: rank of the early-exit pruning adapter.
+        stream_adapter_rank: rank of the residual adapters that act on stream
+            rows only, one before each multi-stream layer (0: none).
         hidden_size, vocab_size, num_layers: of the base model, checked at load.
         tree: default tree settings.
         format_version: of this file.
@@ -52,6 +54,7 @@ class SpecStreamConfig:
     stream_layers: int = 4
     mode: str = "lossless"
     prune_rank: int = 8
+    stream_adapter_rank: int = 0
     hidden_size: int = 0
     vocab_size: int = 0
     num_layers: int = 0
@@ -69,6 +72,8 @@ class SpecStreamConfig:
                 f"stream_layers must be in 1..{self.num_layers} (the base model's layers), "
                 f"got {self.stream_layers}"
             )
+        if self.stream_adapter_rank < 0 or self.prune_rank < 1:
+            raise CheckpointError("adapter ranks must be positive (stream adapters: >= 0)")
         if len(self.tree.widths) > self.gamma:
             raise CheckpointError(
                 f"tree depth {len(self.tree.widths)} exceeds gamma={self.gamma}"

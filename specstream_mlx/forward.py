@@ -56,8 +56,12 @@ def logits(model: SpecStreamModel, hidden: mx.array) -> mx.array:
     return lm_head(model.base, hidden)
 
 
-def _run_layers(model, h, layer_ids, block, positions, is_chain, cache):
-    """Run ``layer_ids`` on ``h`` ``(1, L, H)`` with one mask per window size."""
+def _run_layers(model, h, layer_ids, block, positions, is_chain, cache, n_main=None):
+    """Run ``layer_ids`` on ``h`` ``(1, L, H)`` with one mask per window size.
+
+    With ``n_main`` set, rows from ``n_main`` on are stream rows and pass
+    through the model's stream adapters before each layer.
+    """
     length = cache[0].length
     offset = rope_offset(length, positions)
     masks = {}
@@ -65,8 +69,18 @@ def _run_layers(model, h, layer_ids, block, positions, is_chain, cache):
         window = model.windows[i]
         if window not in masks:
             masks[window] = build_mask(block, length, positions, window, is_chain)
+        if n_main is not None:
+            h = adapt_streams(model, h, i, n_main)
         h = model.layers[i](h, masks[window], cache=StepView(cache[i], offset))
     return h
+
+
+def adapt_streams(model: SpecStreamModel, h: mx.array, layer: int, n_main: int) -> mx.array:
+    """Apply layer ``layer``'s stream adapter to rows ``n_main:`` of ``h`` ``(B, L, H)``."""
+    if not model.stream_adapters or h.shape[1] == n_main:
+        return h
+    adapter = model.stream_adapters[layer - model.first_stream_layer]
+    return mx.concatenate([h[:, :n_main], adapter(h[:, n_main:])], axis=1)
 
 
 def _edge_logprobs(model, h: mx.array, tokens: mx.array, tree: Tree) -> mx.array:
@@ -144,7 +158,8 @@ def forward(
         is_chain = False
     else:
         block, positions, is_chain = rows.ancestors, rows.depth, rows.is_chain
-    h = _run_layers(model, h, range(split, model.num_layers), block, positions, is_chain, cache)
+    h = _run_layers(model, h, range(split, model.num_layers), block, positions, is_chain, cache,
+                    n_main=n_main if n_stream else None)
     h = model.base.model.norm(h[0])  # (M' + S*gamma, H)
 
     slot = -np.ones(n_main, dtype=np.int64)

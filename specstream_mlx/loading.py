@@ -204,6 +204,64 @@ def save_streams(model: SpecStreamModel, directory: Path) -> None:
     )
 
 
+def fresh_model(base, family, config: SpecStreamConfig, seed: int = 0) -> SpecStreamModel:
+    """A ``SpecStreamModel`` over ``base`` with freshly initialised (untrained) streams."""
+    config.validate()
+    model = SpecStreamModel(base, config, family)
+    hidden = config.hidden_size
+    key = mx.random.key(seed)
+    k1, k2, k3 = mx.random.split(key, 3)
+    model.stream_embeddings = 0.02 * mx.random.normal((config.gamma, hidden), key=k1)
+    model.prune_adapter.down.weight = mx.random.normal((config.prune_rank, hidden), key=k2) * hidden**-0.5
+    for i, adapter in enumerate(model.stream_adapters):
+        adapter.down.weight = mx.random.normal(
+            adapter.down.weight.shape, key=mx.random.split(k3, len(model.stream_adapters))[i]
+        ) * hidden**-0.5
+    return model
+
+
+def _new_config(base, gamma, stream_layers, mode, tree, adapter_rank) -> SpecStreamConfig:
+    hidden, vocab, layers = _base_dims(base)
+    tree = tree or TreeDefaults()
+    if len(tree.widths) > gamma:
+        tree = TreeDefaults(tuple(tree.widths[:gamma]), tree.max_nodes, tree.prune_threshold)
+    return SpecStreamConfig(
+        gamma=gamma, stream_layers=stream_layers, mode=mode, stream_adapter_rank=adapter_rank,
+        hidden_size=hidden, vocab_size=vocab, num_layers=layers, tree=tree,
+    )
+
+
+def load_for_training(
+    path_or_repo: str,
+    gamma: int = 3,
+    stream_layers: int = 4,
+    mode: Optional[str] = None,
+    adapter_rank: int = 0,
+    seed: int = 0,
+):
+    """A model to train: a checkpoint's, or a plain model with fresh streams.
+
+    Args:
+        path_or_repo: a checkpoint (its stream settings win) or a plain mlx-lm model.
+        gamma, stream_layers, adapter_rank, seed: for fresh streams.
+        mode: training mode; ``None`` keeps the checkpoint's (or lossless).
+
+    Returns:
+        ``(model, tokenizer, path)``.
+    """
+    path = resolve_path(path_or_repo)
+    _read_base_config(path)
+    if (path / CONFIG_FILE).is_file():
+        model, tokenizer = load(str(path))
+        if mode is not None and mode != model.config.mode:
+            model.config.mode = mode
+            model.config.validate()
+        return model, tokenizer, path
+    base, tokenizer, _, family = _load_base(path, None)
+    config = _new_config(base, gamma, stream_layers, mode or "lossless", None, adapter_rank)
+    return fresh_model(base, family, config, seed), tokenizer, path
+
+
 def init_checkpoint(
     base_path: str,
     out: str,
@@ -213,6 +271,7 @@ def init_checkpoint(
     seed: int = 0,
     tree: Optional[TreeDefaults] = None,
     overwrite: bool = False,
+    adapter_rank: int = 0,
 ) -> Path:
     """Turn a plain mlx-lm model into a checkpoint with fresh (untrained) streams.
 
@@ -222,9 +281,10 @@ def init_checkpoint(
         base_path: mlx-lm model directory or hub repo id.
         out: output directory (must not exist unless ``overwrite``).
         gamma: number of streams; stream_layers: ``Ns``; mode: lossless|shared.
-        seed: seed for the stream embeddings and adapter.
+        seed: seed for the stream embeddings and adapters.
         tree: default tree settings stored in the checkpoint.
         overwrite: replace an existing ``out``.
+        adapter_rank: rank of the stream adapters (0: none).
 
     Returns:
         The output path.
@@ -238,19 +298,8 @@ def init_checkpoint(
         base, _ = load_model(src, lazy=True)
     except (ValueError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"could not load the model in {src}: {exc}") from None
-    hidden, vocab, layers = _base_dims(base)
-    tree = tree or TreeDefaults()
-    if len(tree.widths) > gamma:
-        tree = TreeDefaults(tuple(tree.widths[:gamma]), tree.max_nodes, tree.prune_threshold)
-    config = SpecStreamConfig(
-        gamma=gamma, stream_layers=stream_layers, mode=mode,
-        hidden_size=hidden, vocab_size=vocab, num_layers=layers, tree=tree,
-    )
-    config.validate()
-    model = SpecStreamModel(base, config, family)
-    mx.random.seed(seed)
-    model.stream_embeddings = 0.02 * mx.random.normal((gamma, hidden))
-    model.prune_adapter.down.weight = mx.random.normal((config.prune_rank, hidden)) * hidden**-0.5
+    config = _new_config(base, gamma, stream_layers, mode, tree, adapter_rank)
+    model = fresh_model(base, family, config, seed)
 
     tmp, publish = _atomic_dir(Path(out), overwrite)
     try:

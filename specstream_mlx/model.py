@@ -14,11 +14,11 @@ from .families import Family, layer_windows
 from .rope import install_positional_rope
 
 
-class PruneAdapter(nn.Module):
-    """Rank-r residual adapter for the early-exit pruning head.
+class ResidualAdapter(nn.Module):
+    """Rank-r residual adapter ``h -> h + up(silu(down(h)))``; ``up`` starts at zero.
 
-    ``h -> h + up(down(h))``; ``up`` starts at zero, so an untrained adapter is
-    the plain "logit lens" of layer ``N - Ns``.
+    Used as the early-exit pruning head's adapter (an untrained one is the
+    plain "logit lens" of layer ``N - Ns``) and as the stream adapters.
     """
 
     def __init__(self, hidden: int, rank: int) -> None:
@@ -28,7 +28,7 @@ class PruneAdapter(nn.Module):
         self.up.weight = mx.zeros_like(self.up.weight)
 
     def __call__(self, h: mx.array) -> mx.array:
-        return h + self.up(self.down(h))
+        return h + self.up(nn.silu(self.down(h)))
 
 
 class SpecStreamModel(nn.Module):
@@ -39,13 +39,20 @@ class SpecStreamModel(nn.Module):
         stream_embeddings: ``(gamma, hidden)`` table ``P``; stream ``j`` of a
             position enters layer ``N - Ns`` as ``h + P[j - 1]``.
         prune_adapter: the early-exit adapter used for tree pruning.
+        stream_adapters: optional adapters applied to the stream rows (never
+            the main rows) before each multi-stream layer; they add capacity to
+            the drafts while lossless mode stays exact.
     """
 
     def __init__(self, base: nn.Module, config: SpecStreamConfig, family: Family) -> None:
         super().__init__()
         self.base = base
         self.stream_embeddings = mx.zeros((config.gamma, config.hidden_size))
-        self.prune_adapter = PruneAdapter(config.hidden_size, config.prune_rank)
+        self.prune_adapter = ResidualAdapter(config.hidden_size, config.prune_rank)
+        rank = config.stream_adapter_rank
+        self.stream_adapters = [
+            ResidualAdapter(config.hidden_size, rank) for _ in range(config.stream_layers if rank else 0)
+        ]
         # Plain Python attributes: not parameters, not decoding state.
         self._config = config
         self._family = family
@@ -81,8 +88,8 @@ class SpecStreamModel(nn.Module):
         """The parameters stored in ``specstream.safetensors`` (flat names)."""
         from mlx.utils import tree_flatten
 
-        params = {"stream_embeddings": self.stream_embeddings}
-        params.update(
-            {f"prune_adapter.{k}": v for k, v in tree_flatten(self.prune_adapter.parameters())}
-        )
-        return params
+        params = self.parameters()
+        return dict(tree_flatten({k: params[k] for k in self.STREAM_KEYS if k in params}))
+
+    #: Top-level parameter groups that belong to the streams (not the base).
+    STREAM_KEYS = ("stream_embeddings", "prune_adapter", "stream_adapters")

@@ -25,10 +25,12 @@ class PositionalRoPE(nn.Module):
 
     def __call__(self, x: mx.array, offset: Union[int, mx.array] = 0) -> mx.array:
         if isinstance(offset, mx.array) and offset.ndim == 1:
-            # x: (1, H, L, D) -> (L, H, 1, D): one "batch" entry per row.
-            assert x.shape[0] == 1, "per-row positions need batch size 1"
-            rows_first = x.transpose(2, 1, 0, 3)
-            return self.inner(rows_first, offset=offset).transpose(2, 1, 0, 3)
+            batch, heads, length, dim = x.shape
+            # (B, H, L, D) -> (L, B*H, 1, D): one "batch" entry per row, every
+            # sequence of the batch sharing the row positions.
+            rows_first = x.transpose(2, 0, 1, 3).reshape(length, batch * heads, 1, dim)
+            out = self.inner(rows_first, offset=offset)
+            return out.reshape(length, batch, heads, dim).transpose(1, 2, 0, 3)
         return self.inner(x, offset=offset)
 
 

@@ -1,0 +1,144 @@
+"""Training forward and loss of a Speculative Streaming model (DESIGN.md section 1).
+
+Every position ``t`` of a training sequence gets its ``gamma`` stream rows in
+the top ``Ns`` layers, under the same MSA mask as at inference (built by
+``masks.msa_block`` over a chain), with the same RoPE positions ``t + j``.
+The lower layers run without gradients: only the top layers, the stream
+parameters and (in shared mode) the LoRA weights of the top layers learn.
+
+Loss: ``L = a0 * CE(main) + sum_j a_j * CE(stream j -> token t+1+j)``
+``+ a_exit * CE(early exit -> token t+1)``; the early-exit term reaches only
+the pruning adapter (its input is gradient-free).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .families import embed, lm_head
+from .forward import adapt_streams
+from .masks import chain_rows, msa_block, row_positions
+from .model import SpecStreamModel
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the loss terms (paper: a0 = 1, a_j = 0.1; lossless: a0 = 0)."""
+
+    main: float = 0.0
+    stream: float = 0.1
+    early_exit: float = 0.1
+
+
+class _TrainView:
+    """Cache stand-in for training: hands RoPE the row positions, stores nothing."""
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+
+def _window_mask(block: np.ndarray, positions: np.ndarray, window: Optional[int]) -> mx.array:
+    mask = block
+    if window is not None:
+        mask = block & ((positions[:, None] - positions[None, :]) < window)
+    return mx.array(mask)
+
+
+def train_forward(model: SpecStreamModel, tokens: mx.array):
+    """Hidden states for a batch of full sequences.
+
+    Args:
+        model: the model.
+        tokens: ``(B, T)`` token ids.
+
+    Returns:
+        ``(main, streams, early_exit)``: final-norm hidden states ``(B, T, H)``,
+        ``(B, T, gamma, H)`` and the early-exit head's normed input ``(B, T, H)``.
+    """
+    config = model.config
+    gamma, split = config.gamma, model.first_stream_layer
+    batch, length = tokens.shape
+    rows = chain_rows(length, np.arange(length))
+    causal = rows.ancestors
+    positions = rows.depth
+
+    h = embed(model.family, model.base, tokens)  # (B, T, H)
+    masks = {}
+    for i in range(split):
+        window = model.windows[i]
+        if window not in masks:
+            masks[window] = "causal" if window is None else _window_mask(causal, positions, window)
+        h = model.layers[i](h, masks[window], cache=_TrainView(0))
+    h = mx.stop_gradient(h)
+
+    early_exit = model.base.model.norm(model.prune_adapter(h))
+    streams = h[:, :, None, :] + model.stream_embeddings.astype(h.dtype)  # (B, T, gamma, H)
+    h = mx.concatenate([h, streams.reshape(batch, length * gamma, -1)], axis=1)
+    block = msa_block(rows, gamma, config.mode == "shared")
+    all_positions = row_positions(rows, gamma, with_streams=True)
+    offset = mx.array(all_positions.astype(np.int32))
+    masks = {}
+    for i in range(split, model.num_layers):
+        window = model.windows[i]
+        if window not in masks:
+            masks[window] = _window_mask(block, all_positions, window)
+        h = adapt_streams(model, h, i, length)
+        h = model.layers[i](h, masks[window], cache=_TrainView(offset))
+    h = model.base.model.norm(h)
+    return h[:, :length], h[:, length:].reshape(batch, length, gamma, -1), early_exit
+
+
+def _ce(model, hidden: mx.array, targets: mx.array, mask: mx.array):
+    """Summed cross-entropy and count over masked positions. ``hidden (B, T', H)``."""
+    logits = lm_head(model.base, hidden).astype(mx.float32)
+    losses = nn.losses.cross_entropy(logits, targets) * mask
+    hits = (mx.argmax(logits, axis=-1) == targets) * mask
+    return losses.sum(), mask.sum(), hits.sum()
+
+
+def loss_fn(model: SpecStreamModel, tokens: mx.array, loss_mask: mx.array, weights: LossWeights):
+    """Weighted training loss and per-term figures.
+
+    Args:
+        model: the model.
+        tokens: ``(B, T)`` token ids.
+        loss_mask: ``(B, T)`` bool, True on tokens that are targets.
+        weights: loss weights.
+
+    Returns:
+        ``(loss, metrics)``: the scalar loss and a dict of arrays: ``stream_j_loss``
+        and ``stream_j_acc`` (top-1 accuracy of stream ``j``), ``main_loss``,
+        ``exit_loss``.
+    """
+    main, streams, early_exit = train_forward(model, tokens)
+    mask = loss_mask.astype(mx.float32)
+    length = tokens.shape[1]
+    total = mx.array(0.0)
+    metrics = {}
+    # Main row t and the early exit at t predict token t + 1.
+    if weights.main > 0:
+        s, n, _ = _ce(model, main[:, :-1], tokens[:, 1:], mask[:, 1:])
+        metrics["main_loss"] = s / mx.maximum(n, 1)
+        total = total + weights.main * metrics["main_loss"]
+    if weights.early_exit > 0:
+        s, n, _ = _ce(model, early_exit[:, :-1], tokens[:, 1:], mask[:, 1:])
+        metrics["exit_loss"] = s / mx.maximum(n, 1)
+        total = total + weights.early_exit * metrics["exit_loss"]
+    # Stream j at row t predicts token t + 1 + j.
+    for j in range(1, model.config.gamma + 1):
+        if length <= j + 1:
+            break
+        s, n, hits = _ce(model, streams[:, : length - 1 - j, j - 1], tokens[:, 1 + j :],
+                         mask[:, 1 + j :])
+        metrics[f"stream_{j}_loss"] = s / mx.maximum(n, 1)
+        metrics[f"stream_{j}_acc"] = hits / mx.maximum(n, 1)
+        total = total + weights.stream * metrics[f"stream_{j}_loss"]
+    return total, metrics

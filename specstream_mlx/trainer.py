@@ -1,0 +1,244 @@
+"""Fine-tune the streams (lossless mode) or streams + LoRA (shared mode).
+
+Checkpoints are written as a complete Speculative Streaming checkpoint plus
+``training_state.json`` / ``training_state.safetensors`` (trainable weights and
+optimizer state), into a temporary folder that replaces the previous one only
+once complete, so an interrupted run leaves the last good checkpoint intact.
+Batches are a pure function of (seed, step), so a resumed run continues
+exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
+from .data import Example, batches
+from .losses import LossWeights, loss_fn
+from .model import SpecStreamModel
+
+STATE_JSON = "training_state.json"
+STATE_WEIGHTS = "training_state.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (saved with every checkpoint)."""
+
+    iters: int = 1000
+    batch_size: int = 4
+    max_seq_len: int = 512
+    learning_rate: float = 5e-4
+    warmup: int = 50
+    schedule: str = "cosine"  # or "constant"
+    weights: LossWeights = field(default_factory=LossWeights)
+    lora_rank: int = 32
+    lora_scale: float = 2.0
+    seed: int = 0
+    save_every: int = 100
+    report_every: int = 10
+    val_every: int = 0
+    val_prompts: int = 4
+    val_max_tokens: int = 64
+
+
+def make_trainable(model: SpecStreamModel, config: TrainConfig) -> None:
+    """Freeze the base; unfreeze what the mode trains.
+
+    Lossless: stream embeddings, pruning adapter, stream adapters. Shared: the
+    same plus LoRA (rank ``config.lora_rank``) on the top ``Ns`` layers, so
+    gradients never need to flow through the frozen lower layers.
+    """
+    model.freeze()
+    if model.config.mode == "shared":
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        linear_to_lora_layers(
+            model.base, model.config.stream_layers,
+            {"rank": config.lora_rank, "scale": config.lora_scale, "dropout": 0.0},
+        )
+    model.unfreeze(keys=["stream_embeddings"], recurse=False)
+    model.prune_adapter.unfreeze()
+    for adapter in model.stream_adapters:
+        adapter.unfreeze()
+
+
+def trainable_names(model: nn.Module) -> List[str]:
+    return [k for k, _ in tree_flatten(model.trainable_parameters())]
+
+
+def _schedule(config: TrainConfig):
+    lr = config.learning_rate
+    if config.schedule == "constant":
+        main = lr
+    elif config.schedule == "cosine":
+        main = optim.cosine_decay(lr, max(1, config.iters - config.warmup), lr * 0.1)
+    else:
+        raise ValueError(f"schedule must be cosine or constant, got {config.schedule!r}")
+    if config.warmup <= 0:
+        return main
+    warm = optim.linear_schedule(lr * 0.01, lr, config.warmup)
+    main = main if callable(main) else (lambda step: lr)
+    return optim.join_schedules([warm, main], [config.warmup])
+
+
+def fused_base_weights(model: SpecStreamModel) -> dict:
+    """Base weights with any LoRA layers fused in (the model itself is unchanged)."""
+    weights = dict(tree_flatten(model.base.parameters()))
+    for name, module in model.base.named_modules():
+        if hasattr(module, "fuse") and hasattr(module, "lora_a"):
+            fused = module.fuse()
+            for key in list(weights):
+                if key.startswith(name + "."):
+                    del weights[key]
+            for key, value in tree_flatten(fused.parameters()):
+                weights[f"{name}.{key}"] = value
+    return weights
+
+
+def save_checkpoint(model, optimizer, step: int, config: TrainConfig, base_dir: Path,
+                    out: Path, extra: dict) -> None:
+    """Write a complete checkpoint for ``step`` to ``out``, atomically."""
+    from .loading import save_streams
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        shared = model.config.mode == "shared"
+        for item in Path(base_dir).iterdir():
+            if not item.is_file() or item.name.startswith((".", "training_state")):
+                continue
+            if item.name in (CONFIG_FILE, WEIGHTS_FILE) or (shared and item.suffix == ".safetensors"):
+                continue
+            if shared and item.name == "model.safetensors.index.json":
+                continue
+            try:
+                os.link(item, tmp / item.name)
+            except OSError:
+                shutil.copy2(item, tmp / item.name)
+        if shared:
+            mx.save_safetensors(str(tmp / "model.safetensors"), fused_base_weights(model),
+                                metadata={"format": "mlx"})
+        save_streams(model, tmp)
+        state = dict(tree_flatten(model.trainable_parameters()))
+        state.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+        mx.save_safetensors(str(tmp / STATE_WEIGHTS), state)
+        info = {"step": step, "config": asdict(config), "base_dir": str(base_dir), **extra}
+        (tmp / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def restore_state(model, optimizer, resume_dir: Path) -> int:
+    """Load trainable weights and optimizer state saved by ``save_checkpoint``; return the step."""
+    info_path = Path(resume_dir) / STATE_JSON
+    if not info_path.is_file():
+        raise CheckpointError(f"{resume_dir} has no {STATE_JSON}: not a training checkpoint")
+    info = json.loads(info_path.read_text())
+    state = mx.load(str(Path(resume_dir) / STATE_WEIGHTS))
+    params = [(k, v) for k, v in state.items() if not k.startswith("optimizer.")]
+    expected = set(trainable_names(model))
+    if {k for k, _ in params} != expected:
+        raise CheckpointError(f"{resume_dir}: saved trainable weights do not match this model")
+    model.update(tree_unflatten(params))
+    opt = [(k[len("optimizer."):], v) for k, v in state.items() if k.startswith("optimizer.")]
+    optimizer.state = tree_unflatten(opt)
+    return int(info["step"])
+
+
+def _progress(step, total, loss, metrics, tps, lr, extra=""):
+    width = 24
+    done = int(width * step / max(total, 1))
+    streams = " ".join(
+        f"s{k.split('_')[1]}={float(v):.2f}/{float(metrics[k.replace('loss', 'acc')]):.0%}"
+        for k, v in sorted(metrics.items()) if k.startswith("stream_") and k.endswith("loss")
+    )
+    print(
+        f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} loss={loss:.3f} "
+        f"{streams} lr={lr:.1e} {tps:.0f} tok/s{extra}",
+        file=sys.stderr, flush=True, end="\n" if extra else "",
+    )
+
+
+def train(
+    model: SpecStreamModel,
+    examples: List[Example],
+    config: TrainConfig,
+    base_dir: Path,
+    out: Path,
+    resume: Optional[Path] = None,
+    validate: Optional[Callable[[SpecStreamModel], dict]] = None,
+    extra_state: Optional[dict] = None,
+) -> dict:
+    """Train ``model`` in place and write checkpoints to ``out``.
+
+    Args:
+        model: the model (its mode decides what trains).
+        examples: tokenized training examples.
+        config: run settings.
+        base_dir: the directory whose base files checkpoints reuse.
+        out: checkpoint directory (replaced atomically at every save).
+        resume: a checkpoint written by this function to continue from.
+        validate: optional callback returning figures (e.g. tokens per
+            forward on validation prompts), run every ``val_every`` steps.
+        extra_state: JSON-able facts stored with each checkpoint.
+
+    Returns:
+        The last step's figures (``loss``, per-stream loss/accuracy, ``tokens_per_sec``).
+    """
+    make_trainable(model, config)
+    optimizer = optim.AdamW(learning_rate=_schedule(config), weight_decay=0.0)
+    start = 0
+    if resume is not None:
+        optimizer.init(model.trainable_parameters())
+        start = restore_state(model, optimizer, resume)
+    step_fn = nn.value_and_grad(model, lambda m, t, k: loss_fn(m, t, k, config.weights))
+    data = batches(examples, config.batch_size, config.max_seq_len, config.seed, start)
+    figures: dict = {}
+    tokens_seen, tic = 0, time.perf_counter()
+    for step in range(start + 1, config.iters + 1):
+        tokens, mask = next(data)
+        (loss, metrics), grads = step_fn(model, mx.array(tokens), mx.array(mask))
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, loss, metrics)
+        tokens_seen += tokens.size
+        if step % config.report_every == 0 or step == config.iters:
+            tps = tokens_seen / (time.perf_counter() - tic)
+            figures = {"step": step, "loss": loss.item(), "tokens_per_sec": tps,
+                       **{k: v.item() for k, v in metrics.items()}}
+            extra = ""
+            if validate is not None and config.val_every and (
+                step % config.val_every == 0 or step == config.iters
+            ):
+                figures.update(validate(model))
+                extra = f" val tokens/forward={figures.get('val_tokens_per_forward', 0):.2f}"
+            _progress(step, config.iters, figures["loss"], metrics, tps,
+                      float(optimizer.learning_rate), extra)
+            tokens_seen, tic = 0, time.perf_counter()
+        if step % config.save_every == 0 or step == config.iters:
+            save_checkpoint(model, optimizer, step, config, base_dir, out,
+                            {**(extra_state or {}), "figures": figures})
+    print(file=sys.stderr)
+    return figures
