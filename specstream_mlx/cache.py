@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from .rope import RowPositions
+
 _STEP = 256  # grow buffers in chunks of this many rows, like mlx-lm's KVCache
 
 
@@ -87,12 +89,11 @@ class LayerCache:
 class StepView:
     """What one attention layer sees as its ``cache`` during one forward.
 
-    ``offset`` is an ``int`` for consecutive rows (mlx-lm's usual meaning) or a
-    ``(L,)`` array of absolute positions, which ``rope.PositionalRoPE`` applies
-    row by row.
+    ``offset`` is an ``int`` for consecutive rows (mlx-lm's usual meaning) or
+    ``RowPositions``, which ``rope.PositionalRoPE`` applies row by row.
     """
 
-    def __init__(self, layer: LayerCache, offset: Union[int, mx.array]) -> None:
+    def __init__(self, layer: LayerCache, offset: Union[int, RowPositions]) -> None:
         self.layer = layer
         self.offset = offset
 
@@ -110,11 +111,11 @@ def cache_length(cache: Sequence[LayerCache]) -> int:
     return cache[0].length
 
 
-def rope_offset(length: int, positions: np.ndarray) -> Union[int, mx.array]:
+def rope_offset(length: int, positions: np.ndarray) -> Union[int, RowPositions]:
     """RoPE offset for rows at ``length + positions``: an int when consecutive."""
     if positions.shape[0] == 0 or np.array_equal(positions, np.arange(positions.shape[0])):
         return length
-    return mx.array((positions + length).astype(np.int32))
+    return RowPositions(mx.array((positions + length).astype(np.int32)))
 
 
 def commit(

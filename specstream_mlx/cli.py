@@ -174,5 +174,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     app(args=argv)
 
 
+# Commands defined in other modules register themselves on `app` when imported.
+from . import cli_train  # noqa: E402,F401
+
+
 if __name__ == "__main__":
     main()

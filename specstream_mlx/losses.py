@@ -24,6 +24,7 @@ from .families import embed, lm_head
 from .forward import adapt_streams
 from .masks import chain_rows, msa_block, row_positions
 from .model import SpecStreamModel
+from .rope import RowPositions
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def train_forward(model: SpecStreamModel, tokens: mx.array):
     h = mx.concatenate([h, streams.reshape(batch, length * gamma, -1)], axis=1)
     block = msa_block(rows, gamma, config.mode == "shared")
     all_positions = row_positions(rows, gamma, with_streams=True)
-    offset = mx.array(all_positions.astype(np.int32))
+    offset = RowPositions(mx.array(all_positions.astype(np.int32)))
     masks = {}
     for i in range(split, model.num_layers):
         window = model.windows[i]

@@ -16,20 +16,34 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+class RowPositions:
+    """Absolute positions, one per row of the sequence axis, as a RoPE ``offset``.
+
+    A distinct type, so per-row positions are never confused with mlx-lm's
+    per-*sequence* offset arrays (batched caches pass those).
+
+    Attributes:
+        positions: ``(L,)`` int32 array.
+    """
+
+    def __init__(self, positions: mx.array) -> None:
+        self.positions = positions
+
+
 class PositionalRoPE(nn.Module):
-    """Wrap a RoPE module so that ``offset`` may be a ``(L,)`` array of positions."""
+    """Wrap a RoPE module so that ``offset`` may be ``RowPositions``."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
 
-    def __call__(self, x: mx.array, offset: Union[int, mx.array] = 0) -> mx.array:
-        if isinstance(offset, mx.array) and offset.ndim == 1:
+    def __call__(self, x: mx.array, offset: Union[int, mx.array, RowPositions] = 0) -> mx.array:
+        if isinstance(offset, RowPositions):
             batch, heads, length, dim = x.shape
             # (B, H, L, D) -> (L, B*H, 1, D): one "batch" entry per row, every
             # sequence of the batch sharing the row positions.
             rows_first = x.transpose(2, 0, 1, 3).reshape(length, batch * heads, 1, dim)
-            out = self.inner(rows_first, offset=offset)
+            out = self.inner(rows_first, offset=offset.positions)
             return out.reshape(length, batch, heads, dim).transpose(1, 2, 0, 3)
         return self.inner(x, offset=offset)
 

@@ -9,7 +9,7 @@ from specstream_mlx.cache import cache_length, commit, make_cache
 from specstream_mlx.decode import TreeSettings, tree_rows
 from specstream_mlx.forward import forward, logits
 from specstream_mlx.masks import chain_rows
-from specstream_mlx.rope import PositionalRoPE
+from specstream_mlx.rope import PositionalRoPE, RowPositions
 from specstream_mlx.tree import build_tree
 
 
@@ -98,10 +98,20 @@ def test_positional_rope_matches_row_by_row():
     rope = nn.RoPE(16, base=10000.0)
     x = mx.random.normal((1, 2, 5, 16))
     positions = [3, 4, 4, 9, 0]
-    got = PositionalRoPE(rope)(x, offset=mx.array(positions))
+    got = PositionalRoPE(rope)(x, offset=RowPositions(mx.array(positions)))
     want = mx.concatenate(
         [rope(x[:, :, i : i + 1], offset=p) for i, p in enumerate(positions)], axis=2
     )
     np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-6)
     np.testing.assert_array_equal(np.array(PositionalRoPE(rope)(x, offset=2)),
                                   np.array(rope(x, offset=2)))
+    # A batch of sequences sharing row positions (training).
+    xb = mx.random.normal((3, 2, 5, 16))
+    got = PositionalRoPE(rope)(xb, offset=RowPositions(mx.array(positions)))
+    for b in range(3):
+        want = PositionalRoPE(rope)(xb[b : b + 1], offset=RowPositions(mx.array(positions)))
+        np.testing.assert_allclose(np.array(got[b : b + 1]), np.array(want), atol=1e-6)
+    # mlx-lm's per-sequence offsets (batched caches) pass straight through.
+    per_sequence = mx.array([0, 3, 7])
+    np.testing.assert_array_equal(np.array(PositionalRoPE(rope)(xb, offset=per_sequence)),
+                                  np.array(rope(xb, offset=per_sequence)))

@@ -1,0 +1,113 @@
+"""``specstream-mlx train`` and ``specstream-mlx eval``: option parsing only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli import UsageError, _run, app
+
+
+@app.command()
+def train(
+    model: str = typer.Option(..., "--model", help="SS checkpoint, or a plain model (fresh streams)."),
+    data: str = typer.Option(..., "--data", help="JSONL file or folder (train.jsonl)."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
+    mode: Optional[str] = typer.Option(None, help="lossless | shared (default: the checkpoint's)."),
+    val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation JSONL."),
+    gamma: int = typer.Option(3, help="Streams, for a fresh start."),
+    stream_layers: int = typer.Option(4, "--stream-layers", help="MSA layers, for a fresh start."),
+    adapter_rank: int = typer.Option(32, "--adapter-rank", help="Stream adapter rank, fresh start."),
+    iters: int = typer.Option(1000, help="Training steps."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    max_seq_len: int = typer.Option(512, "--max-seq-len"),
+    learning_rate: float = typer.Option(5e-4, "--learning-rate"),
+    warmup: int = typer.Option(50, help="Linear warm-up steps."),
+    schedule: str = typer.Option("cosine", help="cosine | constant"),
+    stream_weight: float = typer.Option(0.1, "--stream-weight", help="alpha_j of each stream."),
+    main_weight: Optional[float] = typer.Option(None, "--main-weight", help="alpha_0 (lossless: 0, shared: 1)."),
+    exit_weight: float = typer.Option(0.1, "--exit-weight", help="Early-exit (pruning) loss weight."),
+    lora_rank: int = typer.Option(32, "--lora-rank", help="LoRA rank (shared mode)."),
+    save_every: int = typer.Option(100, "--save-every"),
+    val_every: int = typer.Option(0, "--val-every", help="Decode validation prompts every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    distill: bool = typer.Option(False, "--distill", help="Targets = the base model's greedy output."),
+    distill_max_tokens: int = typer.Option(128, "--distill-max-tokens"),
+    seed: int = typer.Option(0),
+):
+    """Fine-tune the streams (lossless) or streams + LoRA (shared mode)."""
+    from .data import load_examples
+    from .distill import distill as run_distill
+    from .evaluate import speed_on_prompts
+    from .loading import load_for_training
+    from .losses import LossWeights
+    from .trainer import STATE_JSON, TrainConfig, train as run_train
+
+    def run():
+        if mode not in (None, "lossless", "shared"):
+            raise UsageError(f"--mode must be lossless or shared, got {mode!r}")
+        if out.exists() and not resume:
+            raise UsageError(f"{out} exists: pass --resume to continue it, or choose another --out")
+        if resume and not (out / STATE_JSON).is_file():
+            raise UsageError(f"--resume: {out} holds no training checkpoint")
+        source = model
+        if resume:
+            source = json.loads((out / STATE_JSON).read_text())["base_dir"]
+        ss_model, tokenizer, base_dir = load_for_training(
+            source, gamma, stream_layers, mode, adapter_rank, seed)
+        examples = load_examples(data, tokenizer)
+        if distill:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cache = out.parent / f"{out.name}.distilled.jsonl"
+            examples = run_distill(ss_model.base, tokenizer, examples, distill_max_tokens,
+                                   cache_file=cache)
+        validate = None
+        if val_data:
+            val = load_examples(val_data, tokenizer, split="valid")[:4]
+            prompts = [list(e.tokens[: e.loss_start or len(e.tokens) // 2]) for e in val]
+            validate = lambda m: speed_on_prompts(m, tokenizer, prompts)  # noqa: E731
+        shared = ss_model.config.mode == "shared"
+        weights = LossWeights(
+            main=main_weight if main_weight is not None else (1.0 if shared else 0.0),
+            stream=stream_weight, early_exit=exit_weight,
+        )
+        config = TrainConfig(
+            iters=iters, batch_size=batch_size, max_seq_len=max_seq_len,
+            learning_rate=learning_rate, warmup=warmup, schedule=schedule, weights=weights,
+            lora_rank=lora_rank, seed=seed, save_every=save_every,
+            val_every=val_every if val_data else 0,
+        )
+        figures = run_train(ss_model, examples, config, base_dir, out,
+                            resume=out if resume else None, validate=validate)
+        typer.echo(json.dumps(figures, indent=2))
+
+    _run(run)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(..., "--model", help="Checkpoint to evaluate."),
+    data: str = typer.Option(..., "--data", help="JSONL with prompt/completion or messages."),
+    metric: str = typer.Option("rouge", help="rouge (ROUGE-L) | exact (SQL exact match)."),
+    limit: Optional[int] = typer.Option(None, "--num", help="Only the first N examples."),
+    max_tokens: int = typer.Option(128, "-m", "--max-tokens"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON."),
+):
+    """Task quality and tokens per forward on a JSONL set."""
+    from .evaluate import evaluate
+    from .loading import load
+
+    def run():
+        if metric not in ("rouge", "exact"):
+            raise UsageError(f"--metric must be rouge or exact, got {metric!r}")
+        ss_model, tokenizer = load(model)
+        figures = evaluate(ss_model, tokenizer, data, metric, limit, max_tokens)
+        text = json.dumps(figures, indent=2)
+        typer.echo(text)
+        if out is not None:
+            out.write_text(text + "\n")
+
+    _run(run)

@@ -1,0 +1,133 @@
+"""Task quality and speed of a model on a JSONL set (the paper judges both).
+
+Quality: ROUGE-L F1 for free text (summaries), exact match after whitespace
+and case normalisation for SQL. Speed: tokens per forward of greedy decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import List, Optional
+
+from .decode import TreeSettings
+from .generate import stream_generate
+
+
+def _words(text: str) -> List[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 between two texts (longest common subsequence of words)."""
+    a, b = _words(candidate), _words(reference)
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        row = [0]
+        for j, y in enumerate(b):
+            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
+        prev = row
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def normalise_sql(sql: str) -> str:
+    """Lower-case, single spaces, no trailing semicolon."""
+    return re.sub(r"\s+", " ", sql.strip().rstrip(";").strip()).lower()
+
+
+def exact_match(candidate: str, reference: str) -> float:
+    return float(normalise_sql(candidate) == normalise_sql(reference))
+
+
+def _pairs(path: str, tokenizer, limit: Optional[int]):
+    """(formatted prompt, reference) pairs from prompt/completion or messages records."""
+    out = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if "messages" in record:
+                messages, reference = record["messages"][:-1], record["messages"][-1]["content"]
+            elif "prompt" in record and "completion" in record:
+                messages, reference = [{"role": "user", "content": record["prompt"]}], record["completion"]
+            else:
+                raise ValueError(f"{path}:{number}: expected prompt/completion or messages")
+            if getattr(tokenizer, "chat_template", None):
+                prompt = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                       add_generation_prompt=True)
+            else:
+                prompt = messages[-1]["content"]
+            out.append((prompt, reference))
+            if limit and len(out) >= limit:
+                break
+    if not out:
+        raise ValueError(f"{path} holds no examples")
+    return out
+
+
+def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional[int] = None,
+             max_tokens: int = 128, tree: Optional[TreeSettings] = None) -> dict:
+    """Generate greedily for each example and score it.
+
+    Args:
+        model, tokenizer: from ``load``.
+        path: JSONL with prompt/completion or messages records.
+        metric: ``"rouge"`` (ROUGE-L F1) or ``"exact"`` (SQL exact match).
+        limit: only the first ``limit`` examples.
+        max_tokens: generation budget per example.
+        tree: draft tree settings (default: the checkpoint's).
+
+    Returns:
+        ``{"examples", "quality", "metric", "tokens_per_forward", "generation_tps",
+        "acceptance_by_depth"}`` averaged over the examples.
+    """
+    score = {"rouge": rouge_l, "exact": exact_match}[metric]
+    pairs = _pairs(path, tokenizer, limit)
+    quality, tokens, forwards, tps, depth = 0.0, 0, 0, 0.0, None
+    for i, (prompt, reference) in enumerate(pairs, start=1):
+        text, last = "", None
+        for last in stream_generate(model, tokenizer, prompt, max_tokens, tree=tree):
+            text += last.text
+        quality += score(text, reference)
+        tokens += round(last.tokens_per_forward * last.forwards)
+        forwards += last.forwards
+        tps += last.generation_tps
+        hits = [a * last.forwards for a in last.acceptance_by_depth]
+        depth = hits if depth is None else [x + y for x, y in zip(depth, hits)]
+        print(f"\r[eval] {i}/{len(pairs)} {metric}={quality / i:.3f} "
+              f"tokens/forward={tokens / max(forwards, 1):.2f}", file=sys.stderr, end="", flush=True)
+    print(file=sys.stderr)
+    return {
+        "examples": len(pairs),
+        "metric": metric,
+        "quality": quality / len(pairs),
+        "tokens_per_forward": tokens / max(forwards, 1),
+        "generation_tps": tps / len(pairs),
+        "acceptance_by_depth": [h / max(forwards, 1) for h in (depth or [])],
+    }
+
+
+def speed_on_prompts(model, tokenizer, prompts: List[List[int]], max_tokens: int = 64,
+                     tree: Optional[TreeSettings] = None) -> dict:
+    """Tokens per forward and acceptance by depth of greedy decoding on token prompts."""
+    tokens, forwards, depth = 0, 0, None
+    for prompt in prompts:
+        last = None
+        for last in stream_generate(model, tokenizer, prompt, max_tokens, tree=tree):
+            pass
+        tokens += round(last.tokens_per_forward * last.forwards)
+        forwards += last.forwards
+        hits = [a * last.forwards for a in last.acceptance_by_depth]
+        depth = hits if depth is None else [x + y for x, y in zip(depth, hits)]
+    return {
+        "val_tokens_per_forward": tokens / max(forwards, 1),
+        "val_acceptance_by_depth": [h / max(forwards, 1) for h in (depth or [])],
+    }

@@ -1,0 +1,222 @@
+"""Training: the streams learn, the right parameters get gradients, resume is exact."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from typer.testing import CliRunner
+
+from helpers import VOCAB, base_model, decode_tokens, random_prompt, reference_tokens, write_base
+from specstream_mlx.cli import app
+from specstream_mlx.config import SpecStreamConfig
+from specstream_mlx.data import DataError, Example, load_examples
+from specstream_mlx.decode import TreeSettings
+from specstream_mlx.families import family_for
+from specstream_mlx.forward import forward
+from specstream_mlx.cache import make_cache
+from specstream_mlx.loading import fresh_model
+from specstream_mlx.losses import LossWeights, loss_fn, train_forward
+from specstream_mlx.masks import chain_rows
+from specstream_mlx.trainer import TrainConfig, make_trainable, train, trainable_names
+
+
+def _model(mode="lossless", adapter_rank=16, family="llama"):
+    base, config = base_model(family)
+    base.model.embed_tokens.weight = mx.random.normal(base.model.embed_tokens.weight.shape)
+    spec = SpecStreamConfig(gamma=3, stream_layers=2, mode=mode, stream_adapter_rank=adapter_rank,
+                            hidden_size=64, vocab_size=VOCAB, num_layers=4)
+    return fresh_model(base, family_for(config["model_type"]), spec)
+
+
+def _successor_corpus(n=64, length=48, seed=0):
+    """Sequences following a fixed random successor function over 16 tokens."""
+    rng = np.random.default_rng(seed)
+    alphabet = rng.choice(256, size=16, replace=False)
+    successor = dict(zip(alphabet, np.roll(rng.permutation(alphabet), 1)))
+    examples = []
+    for _ in range(n):
+        x, seq = rng.choice(alphabet), []
+        for _ in range(length):
+            seq.append(int(x))
+            x = successor[x]
+        examples.append(Example(tuple(seq), 0))
+    return examples
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    return write_base(tmp_path / "base", "llama")
+
+
+def test_streams_learn_a_repetitive_corpus(tmp_path, base_dir):
+    model = _model()
+    config = TrainConfig(iters=80, batch_size=8, max_seq_len=48, learning_rate=1e-2, warmup=5,
+                         report_every=80, save_every=1000)
+    figures = train(model, _successor_corpus(), config, base_dir, tmp_path / "out")
+    for j in (1, 2, 3):
+        assert figures[f"stream_{j}_acc"] > 0.8, figures
+
+
+def test_self_distilled_streams_speed_up_lossless_decoding(tmp_path, base_dir):
+    """Streams trained on the base's own greedy output get accepted, output unchanged."""
+    from mlx_lm.utils import load_tokenizer
+
+    from specstream_mlx.distill import distill
+
+    model = _model()
+    prompts = [Example(tuple(random_prompt(8, seed)), 8) for seed in range(64)]
+    examples = distill(model.base, load_tokenizer(base_dir), prompts, max_tokens=40,
+                       batch_size=32)
+    config = TrainConfig(iters=80, batch_size=8, max_seq_len=48, learning_rate=1e-2, warmup=5,
+                         report_every=80, save_every=1000)
+    train(model, examples, config, base_dir, tmp_path / "out")
+    emitted = forwards = 0
+    tree = TreeSettings((2, 1, 1), None)
+    for seed in range(100, 105):  # prompts not seen in training
+        prompt = random_prompt(8, seed)
+        tokens, steps = decode_tokens(model, prompt, 40, tree=tree)
+        assert tokens == reference_tokens(model.base, prompt, 40)
+        emitted += sum(len(s.tokens) for s in steps[1:])
+        forwards += len(steps) - 1
+    assert emitted / forwards > 1.8
+
+
+def _grads(model, weights):
+    tokens = mx.array([random_prompt(24)])
+    mask = mx.ones((1, 24), dtype=mx.bool_)
+    step = nn.value_and_grad(model, lambda m, t, k: loss_fn(m, t, k, weights))
+    (_, _), grads = step(model, tokens, mask)
+    return dict(tree_flatten(grads))
+
+
+def test_lossless_gradients_reach_only_stream_parameters():
+    model = _model()
+    make_trainable(model, TrainConfig())
+    names = set(trainable_names(model))
+    assert names == {"stream_embeddings", "prune_adapter.down.weight", "prune_adapter.up.weight",
+                     *(f"stream_adapters.{i}.{p}.weight" for i in range(2) for p in ("down", "up"))}
+    grads = _grads(model, LossWeights())
+    assert set(grads) == names
+    for name, g in grads.items():
+        if name != "stream_adapters.0.down.weight" and name != "stream_adapters.1.down.weight" \
+                and name != "prune_adapter.down.weight":
+            assert mx.abs(g).max().item() > 0, name  # (down: zero grad while up is zero)
+
+
+def test_shared_mode_trains_lora_in_top_layers_only():
+    model = _model(mode="shared", adapter_rank=0)
+    make_trainable(model, TrainConfig(lora_rank=4))
+    names = set(trainable_names(model))
+    lora = {n for n in names if "lora" in n}
+    assert lora and all(n.startswith(("base.model.layers.2.", "base.model.layers.3.")) for n in lora)
+    grads = _grads(model, LossWeights(main=1.0))
+    assert set(grads) == names
+    assert all(mx.abs(grads[n]).max().item() > 0 for n in lora if n.endswith("lora_b"))
+
+
+def test_training_forward_matches_inference_forward():
+    model = _model()
+    tokens = random_prompt(16, seed=9)
+    main, streams, _ = train_forward(model, mx.array([tokens]))
+    for t in (0, 7, 15):
+        out = forward(model, mx.array(tokens[: t + 1]), chain_rows(t + 1, [t]), make_cache(4))
+        np.testing.assert_allclose(np.array(streams[0, t]), np.array(out.stream_hidden[0]),
+                                   atol=1e-4)
+        np.testing.assert_allclose(np.array(main[0, t]), np.array(out.main_hidden[-1]), atol=1e-4)
+
+
+def test_resume_continues_identically(tmp_path, base_dir):
+    corpus = _successor_corpus(32)
+    config = TrainConfig(iters=6, batch_size=4, max_seq_len=32, learning_rate=5e-3, warmup=2,
+                         report_every=100, save_every=3)
+    straight = _model()
+    train(straight, corpus, config, base_dir, tmp_path / "a")
+    resumed = _model()
+    train(resumed, corpus, TrainConfig(**{**config.__dict__, "iters": 3}), base_dir, tmp_path / "b")
+    again = _model()
+    train(again, corpus, config, base_dir, tmp_path / "b", resume=tmp_path / "b")
+    for (name, x), (_, y) in zip(tree_flatten(straight.trainable_parameters()),
+                                 tree_flatten(again.trainable_parameters())):
+        np.testing.assert_array_equal(np.array(x), np.array(y), err_msg=name)
+    assert json.loads((tmp_path / "b" / "training_state.json").read_text())["step"] == 6
+
+
+def test_interrupted_save_keeps_last_checkpoint(tmp_path, base_dir, monkeypatch):
+    import specstream_mlx.trainer as trainer
+
+    model = _model()
+    config = TrainConfig(iters=4, batch_size=4, max_seq_len=32, report_every=100, save_every=2)
+    real_save = trainer.save_checkpoint
+    calls = []
+
+    def flaky(model, optimizer, step, *args):
+        calls.append(step)
+        if step == 4:
+            real = mx.save_safetensors
+            monkeypatch.setattr(mx, "save_safetensors", lambda *a, **k: (_ for _ in ()).throw(
+                OSError("disk full")))
+            try:
+                return real_save(model, optimizer, step, *args)
+            finally:
+                monkeypatch.setattr(mx, "save_safetensors", real)
+        return real_save(model, optimizer, step, *args)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        train(model, _successor_corpus(16), config, base_dir, tmp_path / "ck")
+    state = json.loads((tmp_path / "ck" / "training_state.json").read_text())
+    assert state["step"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_bad_data_line_names_file_and_line(tmp_path, base_dir):
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(base_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "fine"}\n{"prompt": "a", "completion": "b"}\n{"oops": 1}\n')
+    with pytest.raises(DataError, match=r"train.jsonl:3: expected"):
+        load_examples(str(data), tokenizer)
+    data.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(DataError, match=r"train.jsonl:2"):
+        load_examples(str(data), tokenizer)
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "hello", "completion": " world"}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "yo"}]}) + "\n")
+    examples = load_examples(str(good), tokenizer)
+    assert len(examples) == 2 and all(0 < e.loss_start < len(e.tokens) for e in examples)
+
+
+def test_cli_train_resume_and_generate(tmp_path, base_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"count {i}", "completion": " 1 2 3 4 5"}) + "\n"
+                            for i in range(8)))
+    out = tmp_path / "trained"
+    runner = CliRunner()
+    args = ["train", "--model", str(base_dir), "--data", str(data), "--out", str(out),
+            "--stream-layers", "2", "--adapter-rank", "4", "--batch-size", "2",
+            "--max-seq-len", "32", "--save-every", "2", "--warmup", "1"]
+    result = runner.invoke(app, args + ["--iters", "2"])
+    assert result.exit_code == 0, result.output
+    again = runner.invoke(app, args + ["--iters", "2"])
+    assert again.exit_code != 0 and "--resume" in again.output
+    result = runner.invoke(app, args + ["--iters", "4", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "training_state.json").read_text())["step"] == 4
+    result = runner.invoke(app, ["generate", "--model", str(out), "-p", "count 9", "-m", "8"])
+    assert result.exit_code == 0, result.output
+
+
+def test_rouge_and_exact_match():
+    from specstream_mlx.evaluate import exact_match, rouge_l
+
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("", "x") == 0.0
+    # LCS("a b c d", "a c d e") = 3 -> P = R = 3/4
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    assert exact_match("SELECT  name FROM t;", "select name from t") == 1.0
+    assert exact_match("SELECT id FROM t", "select name from t") == 0.0
