@@ -21,7 +21,7 @@ def distill(
     tokenizer,
     examples: Sequence[Example],
     max_tokens: int = 128,
-    batch_size: int = 16,
+    batch_size: int = 32,
     cache_file: Optional[Path] = None,
 ) -> List[Example]:
     """Greedy continuations of each example's prompt by ``base`` (batched).

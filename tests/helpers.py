@@ -101,7 +101,7 @@ def random_prompt(length: int, seed: int = 0) -> list:
 
 
 def ss_model(family: str, gamma: int = 3, stream_layers: int = 2, mode: str = "lossless",
-             seed: int = 0):
+             seed: int = 0, adapter_rank: int = 0):
     """A ``SpecStreamModel`` over a random base with random (untrained) streams."""
     from specstream_mlx.config import SpecStreamConfig
     from specstream_mlx.families import family_for
@@ -111,7 +111,7 @@ def ss_model(family: str, gamma: int = 3, stream_layers: int = 2, mode: str = "l
     spec = SpecStreamConfig(
         gamma=gamma, stream_layers=stream_layers, mode=mode,
         hidden_size=config["hidden_size"], vocab_size=VOCAB,
-        num_layers=config["num_hidden_layers"],
+        num_layers=config["num_hidden_layers"], stream_adapter_rank=adapter_rank,
     )
     model = SpecStreamModel(base, spec, family_for(config["model_type"]))
     mx.random.seed(seed + 1)
@@ -119,6 +119,9 @@ def ss_model(family: str, gamma: int = 3, stream_layers: int = 2, mode: str = "l
     model.stream_embeddings = mx.random.normal((gamma, hidden)) * 0.5
     model.prune_adapter.down.weight = mx.random.normal((8, hidden)) * hidden**-0.5
     model.prune_adapter.up.weight = mx.random.normal((hidden, 8)) * 0.05
+    for adapter in model.stream_adapters:
+        adapter.down.weight = mx.random.normal(adapter.down.weight.shape) * hidden**-0.5
+        adapter.up.weight = mx.random.normal(adapter.up.weight.shape) * 0.2
     mx.eval(model.parameters())
     return model
 

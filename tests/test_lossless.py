@@ -83,3 +83,15 @@ def test_drafts_are_accepted_somewhere():
                                  tree=TreeSettings((5, 2, 2), None))
         accepted += sum(s.accepted for s in steps)
     assert accepted > 0
+
+
+@pytest.mark.parametrize("mode", ["lossless", "shared"])
+def test_stream_adapters_keep_exactness(mode):
+    """Adapters act on stream rows only: lossless output stays the base model's."""
+    model = ss_model("qwen3", mode=mode, adapter_rank=8)
+    prompt = random_prompt(20, seed=7)
+    plain, _ = decode_tokens(model, prompt, 30, speculative=False)
+    spec, _ = decode_tokens(model, prompt, 30, tree=TreeSettings((3, 2, 1), None))
+    assert spec == plain
+    if mode == "lossless":
+        assert spec == reference_tokens(model.base, prompt, 30)
