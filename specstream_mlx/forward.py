@@ -9,16 +9,19 @@ the top ``Ns`` layers next to the main rows, under the MSA mask (``masks``).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from .attention import layer_mask
 from .cache import LayerCache, StepView, rope_offset
 from .families import embed, lm_head
-from .masks import Rows, build_mask, msa_block, row_positions
+from .masks import Rows, msa_block, row_positions
 from .model import SpecStreamModel
 from .tree import Tree, prune_tree
+from .treedesc import describe
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,15 @@ def logits(model: SpecStreamModel, hidden: mx.array) -> mx.array:
     return lm_head(model.base, hidden)
 
 
-def _run_layers(model, h, layer_ids, block, positions, is_chain, cache, n_main=None):
+def _run_layers(model, h, layer_ids, block, positions, is_chain, cache, n_main=None,
+                tree_desc=None):
     """Run ``layer_ids`` on ``h`` ``(1, L, H)`` with one mask per window size.
 
     With ``n_main`` set, rows from ``n_main`` on are stream rows and pass
-    through the model's stream adapters before each layer.
+    through the model's stream adapters before each layer. ``tree_desc`` (a
+    zero-argument callable returning the ``treedesc.TreeDesc`` of ``block``)
+    lets tree / multi-stream groups take the fused attention kernel
+    (``attention.layer_mask``); without it the dense mask is always used.
     """
     length = cache[0].length
     offset = rope_offset(length, positions)
@@ -68,7 +75,9 @@ def _run_layers(model, h, layer_ids, block, positions, is_chain, cache, n_main=N
     for i in layer_ids:
         window = model.windows[i]
         if window not in masks:
-            masks[window] = build_mask(block, length, positions, window, is_chain)
+            masks[window] = layer_mask(
+                model.base, block, length, positions, window, is_chain, tree_desc
+            )
         if n_main is not None:
             h = adapt_streams(model, h, i, n_main)
         h = model.layers[i](h, masks[window], cache=StepView(cache[i], offset))
@@ -127,7 +136,8 @@ def forward(
 
     h = embed(model.family, model.base, tokens[None])  # (1, M, H)
     h = _run_layers(
-        model, h, range(split), rows.ancestors, rows.depth, rows.is_chain, cache
+        model, h, range(split), rows.ancestors, rows.depth, rows.is_chain, cache,
+        tree_desc=partial(describe, rows, gamma, shared, False),
     )
 
     kept = None
@@ -158,8 +168,9 @@ def forward(
         is_chain = False
     else:
         block, positions, is_chain = rows.ancestors, rows.depth, rows.is_chain
+    tree_desc = partial(describe, rows, gamma, shared, n_stream > 0)
     h = _run_layers(model, h, range(split, model.num_layers), block, positions, is_chain, cache,
-                    n_main=n_main if n_stream else None)
+                    n_main=n_main if n_stream else None, tree_desc=tree_desc)
     h = model.base.model.norm(h[0])  # (M' + S*gamma, H)
 
     slot = -np.ones(n_main, dtype=np.int64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .attention import install as install_attention
 from .config import SpecStreamConfig
 from .families import Family, layer_windows
 from .rope import install_positional_rope
@@ -58,6 +59,7 @@ class SpecStreamModel(nn.Module):
         self._family = family
         self._windows = layer_windows(family, base)
         install_positional_rope(base.model.layers)
+        install_attention(base)  # tree calls may take the fused kernel
 
     @property
     def config(self) -> SpecStreamConfig:

@@ -1,0 +1,234 @@
+"""Attention dispatch: fused tree-attention kernel where available, reference elsewhere.
+
+mlx-lm's attention modules call ``scaled_dot_product_attention(queries, keys,
+values, cache=..., scale=..., mask=...)``, a name each model module imports
+from ``mlx_lm.models.base``. ``install`` rebinds that name in the module of a
+model to ``scaled_dot_product_attention`` below, which:
+
+* for a ``TreeMask`` (made by the runtime's forward for tree / multi-stream
+  rows) runs the fused kernel (``kernels_metal``) when the backend has one and
+  the call fits it, and otherwise builds the dense mask and runs the
+  reference;
+* for anything else calls mlx-lm's own function unchanged, so plain mlx-lm
+  use of the same model class is unaffected.
+
+The reference is ``mx.fast.scaled_dot_product_attention`` with a boolean mask
+(via mlx-lm). ``SPECSTREAM_ATTENTION`` picks the policy: ``auto`` (default),
+``reference`` (never the fused kernel) or ``fused`` (every tree / multi-stream
+call must take the fused kernel, and an error says why when it cannot; plain
+chains such as the prefill and 1-row decoding keep the reference's fast
+paths under every policy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Callable, Iterator, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models import base as _mlx_base
+
+from .masks import MaskLike, build_mask
+from .treedesc import TreeDesc
+
+ENV = "SPECSTREAM_ATTENTION"
+MODES = ("auto", "reference", "fused")
+_reference = _mlx_base.scaled_dot_product_attention
+
+# A fused implementation: (q, k_buf, v_buf, table, offset, n_main, window, scale) -> out.
+FusedImpl = Callable[..., mx.array]
+_override: Optional[FusedImpl] = None
+
+
+def mode() -> str:
+    """The attention policy from ``SPECSTREAM_ATTENTION`` (default ``auto``)."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{ENV}={value!r} is not a policy: set it to one of {', '.join(MODES)}")
+    return value
+
+
+def fused_impl() -> Optional[FusedImpl]:
+    """The fused kernel for the current device, or ``None`` (reference only)."""
+    if _override is not None:
+        return _override
+    from .kernels_metal import launch
+
+    return launch.tree_attention if launch.backend() is not None else None
+
+
+@contextlib.contextmanager
+def fused_override(impl: FusedImpl) -> Iterator[None]:
+    """Use ``impl`` as the fused kernel inside the block (tests: the CPU emulator)."""
+    global _override
+    previous, _override = _override, impl
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+class TreeMask:
+    """The mask of one layer group, kept lazy: compact for the kernel, dense on demand.
+
+    Attributes:
+        offset: committed cache length (keys before the new rows).
+        window: sliding window of the layers in the group, or ``None``.
+    """
+
+    def __init__(self, block, offset, positions, window, is_chain, describe) -> None:
+        self.offset = int(offset)
+        self.window = window
+        self._dense_args = (block, self.offset, positions, window, is_chain)
+        self._describe = describe
+        self._desc: Optional[TreeDesc] = None
+        self._table: Optional[mx.array] = None
+        self._dense: Optional[tuple] = None
+
+    @property
+    def desc(self) -> TreeDesc:
+        if self._desc is None:
+            self._desc = self._describe()
+        return self._desc
+
+    @property
+    def table(self) -> mx.array:
+        """The row table on the device (uploaded once per forward and group)."""
+        if self._table is None:
+            self._table = mx.array(self.desc.table)
+        return self._table
+
+    def dense(self) -> MaskLike:
+        """Exactly what ``masks.build_mask`` returns for this group (cached)."""
+        if self._dense is None:
+            self._dense = (build_mask(*self._dense_args),)
+        return self._dense[0]
+
+
+def layer_mask(base, block: np.ndarray, offset: int, positions: np.ndarray,
+               window: Optional[int], is_chain: bool, describe) -> MaskLike:
+    """The mask argument for a layer group: a ``TreeMask`` where the fused path may run.
+
+    Args:
+        base: the mlx-lm model (the dispatch must be installed in its module).
+        block, offset, positions, window, is_chain: as ``masks.build_mask``.
+        describe: zero-argument callable returning the group's ``TreeDesc``.
+    """
+    dense_is_cheap = is_chain and (window is None or int(positions.max()) + offset < window)
+    policy = mode()
+    wanted = policy == "fused" or (policy == "auto" and fused_impl() is not None)
+    if dense_is_cheap or not wanted:
+        return build_mask(block, offset, positions, window, is_chain)
+    if not is_installed(base):
+        if policy == "fused":
+            raise RuntimeError(f"{ENV}=fused but the attention dispatch is not installed for "
+                               f"{type(base).__module__}: call specstream_mlx.attention.install")
+        return build_mask(block, offset, positions, window, is_chain)
+    return TreeMask(block, offset, positions, window, is_chain, describe)
+
+
+def _unfit_reason(queries, keys, cache, mask: TreeMask, sinks) -> Optional[str]:
+    from .kernels_metal import launch
+
+    if sinks is not None:
+        return "attention sinks are not supported by the fused kernel"
+    if hasattr(cache, "bits"):
+        return "quantized caches are not supported by the fused kernel"
+    batch, _, rows, dim = queries.shape
+    if batch != 1:
+        return f"batch size {batch} (the fused kernel takes 1)"
+    if dim not in launch.HEAD_DIMS:
+        return f"head dim {dim} (fused kernels exist for {launch.HEAD_DIMS})"
+    if queries.dtype not in launch.DTYPES or keys.dtype != queries.dtype:
+        return f"dtype {queries.dtype}/{keys.dtype} (fused kernels take float32/float16/bfloat16)"
+    if rows > launch.MAX_ROWS:
+        return f"{rows} query rows (the fused kernel takes at most {launch.MAX_ROWS})"
+    if rows != mask.desc.size or keys.shape[2] != mask.offset + rows:
+        return f"shape mismatch: {rows} rows / {keys.shape[2]} keys vs the tree description"
+    return None
+
+
+def _buffers(keys: mx.array, values: mx.array, cache) -> tuple:
+    """The whole key/value buffers behind ``keys``/``values`` when the cache has them.
+
+    A ``StepView`` hands out slices of its layer's buffers; passing the buffers
+    themselves (row stride = capacity) spares the kernel a copy of the prefix.
+    """
+    layer = getattr(cache, "layer", None)
+    k_buf = getattr(layer, "keys", None)
+    v_buf = getattr(layer, "values", None)
+    if k_buf is None or v_buf is None or k_buf.shape[:2] != keys.shape[:2]:
+        return keys, values
+    if k_buf.shape[2] < keys.shape[2] or k_buf.shape[3] != keys.shape[3]:
+        return keys, values
+    return k_buf, v_buf
+
+
+def _dispatch(fallback, queries, keys, values, cache, scale, mask, sinks):
+    if isinstance(mask, TreeMask):
+        policy = mode()
+        impl = fused_impl() if policy != "reference" else None
+        reason = _unfit_reason(queries, keys, cache, mask, sinks) if impl else "no fused kernel on this device"
+        if reason is None:
+            k_buf, v_buf = _buffers(keys, values, cache)
+            return impl(queries, k_buf, v_buf, mask.table, mask.offset, mask.desc.n_main,
+                        mask.window, scale)
+        if policy == "fused":
+            raise RuntimeError(
+                f"{ENV}=fused but this call cannot take the fused kernel: {reason}. "
+                f"Unset {ENV} (or set it to auto) to fall back to the reference"
+            )
+        mask = mask.dense()
+    return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+
+def make_dispatch(fallback=_reference):
+    """A drop-in for mlx-lm's ``scaled_dot_product_attention`` (same signature and results).
+
+    Tree masks go to the fused kernel when it fits; every other call, and tree
+    calls that do not fit (with the dense mask), go to ``fallback``.
+    Shapes: queries ``(B, Hq, L, D)``, keys/values ``(B, Hkv, K, D)``.
+    """
+
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        return _dispatch(fallback, queries, keys, values, cache, scale, mask, sinks)
+
+    scaled_dot_product_attention.specstream_fallback = fallback
+    return scaled_dot_product_attention
+
+
+scaled_dot_product_attention = make_dispatch()
+
+
+def install(base) -> None:
+    """Route the attention of ``base``'s mlx-lm module through the dispatch (idempotent).
+
+    The module's own function is kept as the fallback, so non-tree calls
+    behave exactly as before.
+    """
+    module = sys.modules[type(base).__module__]
+    current = getattr(module, "scaled_dot_product_attention", None)
+    if current is None:
+        raise TypeError(
+            f"{module.__name__} has no scaled_dot_product_attention to route: "
+            "this architecture is not supported by specstream-mlx"
+        )
+    if not hasattr(current, "specstream_fallback"):
+        module.scaled_dot_product_attention = make_dispatch(current)
+
+
+def is_installed(base) -> bool:
+    """Whether ``install(base)`` is in effect for ``base``'s module."""
+    module = sys.modules.get(type(base).__module__)
+    return hasattr(getattr(module, "scaled_dot_product_attention", None), "specstream_fallback")
+
+
+def uninstall(base) -> None:
+    """Restore the module's own function in ``base``'s module."""
+    module = sys.modules[type(base).__module__]
+    current = getattr(module, "scaled_dot_product_attention", None)
+    if hasattr(current, "specstream_fallback"):
+        module.scaled_dot_product_attention = current.specstream_fallback
