@@ -1,0 +1,161 @@
+"""Launch planning, the threadgroup-limit query, packaging of the sources, the shims."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from specstream_mlx.kernels_metal import emulator, launch, sources
+
+
+def _arrays(heads=4, kv_heads=2, rows=5, cap=40, dim=64, dtype=mx.float16):
+    q = mx.zeros((1, heads, rows, dim), dtype=dtype)
+    k = mx.zeros((1, kv_heads, cap, dim), dtype=dtype)
+    table = mx.zeros((rows, 4), dtype=mx.uint32)
+    return q, k, table
+
+
+def test_plan_grid_and_params():
+    q, k, table = _arrays()
+    plan = launch.make_plan(q, k, k, table, offset=30, n_main=5, window=None, scale=0.5,
+                            max_threads=1024, simd_groups=2, slots=4)
+    # 5 rows x 2 heads per kv head = 10 slots -> 3 blocks of 4; 2 kv heads.
+    assert plan.grid == (3 * 64, 2, 1) and plan.threadgroup == (64, 1, 1)
+    assert np.array(plan.inputs[4]).tolist() == [30, 5, 40, 0, 4, 5, 2]
+    assert plan.output_shape == (1, 4, 5, 64) and plan.output_dtype == mx.float16
+    assert dict(plan.template) == {"T": mx.float16, "HEAD_DIM": 64, "NSIMD": 2, "SPS": 4}
+
+
+def test_simd_groups_respect_the_limit_and_the_work():
+    assert launch.simd_groups_for(n_keys=10, max_threads=1024) == 1
+    assert launch.simd_groups_for(n_keys=4096, max_threads=1024) == launch.MAX_SIMD_GROUPS
+    assert launch.simd_groups_for(n_keys=4096, max_threads=96) == 2  # 96 threads: 3 groups -> 2
+    assert launch.simd_groups_for(n_keys=4096, max_threads=32) == 1
+    q, k, table = _arrays(cap=5000)
+    plan = launch.make_plan(q, k, k, table, 4000, 5, None, 1.0, max_threads=128)
+    assert plan.threadgroup[0] <= 128
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(dim=80), "head dim"),
+    (dict(heads=3), "split"),
+    (dict(cap=12), "keys needed"),
+    (dict(rows=300, cap=400), "at most"),
+])
+def test_plan_rejects_what_the_kernel_cannot_do(change, match):
+    q, k, table = _arrays(**change)
+    with pytest.raises(ValueError, match=match):
+        launch.make_plan(q, k, k, table, 10, 1, None, 1.0)
+
+
+def test_threadgroup_limit_read_from_the_launch_error(monkeypatch):
+    """A device that allows 96 threads for this kernel: the probe learns it from MLX's error."""
+    monkeypatch.setattr(launch, "_limits", {})
+    monkeypatch.delenv(launch.LIMIT_ENV, raising=False)
+    tried = []
+
+    def probe(flavour, dtype, dim, nsimd, sps):
+        tried.append(nsimd)
+        if nsimd * 32 > 96:
+            raise ValueError(f"Thread group size ({nsimd * 32}) is greater than  the maximum "
+                             f"allowed threads per threadgroup (96).")
+
+    assert launch.threadgroup_limit("metal", mx.float16, 128, 4, probe) == 64
+    assert tried == [8, 2]
+    assert launch.threadgroup_limit("metal", mx.float16, 128, 4, probe) == 64  # cached
+    assert tried == [8, 2]
+
+
+def test_threadgroup_limit_env_cap_and_other_errors(monkeypatch):
+    monkeypatch.setattr(launch, "_limits", {})
+    monkeypatch.setenv(launch.LIMIT_ENV, "128")
+    seen = []
+    assert launch.threadgroup_limit("metal", mx.float32, 64, 4, lambda *a: seen.append(a[3])) == 128
+    assert seen == [4]
+
+    def broken(*args):
+        raise RuntimeError("Unable to build metal library from source")
+
+    monkeypatch.setattr(launch, "_limits", {})
+    with pytest.raises(RuntimeError, match="metal library"):
+        launch.threadgroup_limit("metal", mx.float32, 64, 4, broken)
+
+
+def test_no_backend_on_this_cpu():
+    assert launch.backend() is None
+    q, k, table = _arrays()
+    with pytest.raises(RuntimeError, match="reference"):
+        launch.tree_attention(q, k, k, table, 10, 5, None, 1.0)
+
+
+def test_sources_are_spliced_and_shipped():
+    for flavour in sources.FLAVOURS:
+        body = sources.kernel_source(flavour)
+        assert "#include" not in body  # MLX's JIT has no include path for our files
+        assert "ss_simd_max" in body and "SS_TG_BARRIER" in body
+    assert "metal::simd_sum" in sources.kernel_header("metal")
+    assert "__shfl_xor_sync" in sources.kernel_header("cuda")
+    with pytest.raises(ValueError, match="flavour"):
+        sources.kernel_source("vulkan")
+
+
+SHIM_PROBE = {
+    "metal": r"""
+#include "metal_shim.h"
+void body(uint lane, float* out) {
+  out[lane * 6 + 0] = simd_shuffle(float(lane), ushort(31 - lane));
+  out[lane * 6 + 1] = simd_shuffle_xor(float(lane), ushort(5));
+  out[lane * 6 + 2] = simd_broadcast(float(lane), ushort(7));
+  out[lane * 6 + 3] = simd_min(float(lane) + 1.0f);
+  out[lane * 6 + 4] = simd_max(float(lane));
+  out[lane * 6 + 5] = simd_sum(float(lane));
+}
+""",
+    "cuda": r"""
+#include "cuda_shim.h"
+void body(unsigned lane, float* out) {
+  out[lane * 6 + 0] = __shfl_sync(0xffffffffu, float(lane), 31 - lane);
+  out[lane * 6 + 1] = __shfl_xor_sync(0xffffffffu, float(lane), 5);
+  out[lane * 6 + 2] = __shfl_sync(0xffffffffu, float(lane), 7);
+  out[lane * 6 + 3] = __shfl_down_sync(0xffffffffu, float(lane), 4);
+  out[lane * 6 + 4] = __shfl_xor_sync(0xffffffffu, float(lane), 16);
+  out[lane * 6 + 5] = __shfl_down_sync(0xffffffffu, float(lane), 1);
+}
+""",
+}
+SHIM_MAIN = r"""
+int main() {
+  static float out[64 * 6];
+  ss_emu::launch(2, 1, 32, [&](unsigned x, unsigned, unsigned t) { body(t, out + x * 32 * 6); });
+  for (int i = 0; i < 64 * 6; ++i) std::printf("%g\n", out[i]);
+}
+"""
+
+
+@pytest.mark.skipif(emulator.compiler() is None, reason="needs a C++ compiler (g++)")
+@pytest.mark.parametrize("flavour", ["metal", "cuda"])
+def test_shim_simd_collectives(flavour, tmp_path: Path):
+    src = tmp_path / "probe.cpp"
+    src.write_text(SHIM_PROBE[flavour] + SHIM_MAIN)
+    exe = tmp_path / "probe"
+    subprocess.run([emulator.compiler(), *emulator.CXX_FLAGS, f"-I{emulator.EMU_DIR}", str(src),
+                    "-o", str(exe)], check=True)
+    values = np.array(subprocess.run([str(exe)], capture_output=True, text=True, check=True)
+                      .stdout.split(), dtype=float).reshape(2, 32, 6)
+    lane = np.arange(32)
+    for group in values:  # both threadgroups alike
+        assert np.array_equal(group[:, 0], 31 - lane)
+        assert np.array_equal(group[:, 1], lane ^ 5)
+        assert np.array_equal(group[:, 2], np.full(32, 7))
+        if flavour == "metal":
+            assert np.array_equal(group[:, 3], np.ones(32))
+            assert np.array_equal(group[:, 4], np.full(32, 31))
+            assert np.array_equal(group[:, 5], np.full(32, lane.sum()))
+        else:
+            assert np.array_equal(group[:, 3], np.where(lane + 4 < 32, lane + 4, lane))
+            assert np.array_equal(group[:, 4], lane ^ 16)
+            assert np.array_equal(group[:, 5], np.where(lane + 1 < 32, lane + 1, lane))
