@@ -18,7 +18,6 @@ import math
 import os
 import re
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -263,9 +262,6 @@ def threadgroup_limit(
     return limit
 
 
-_failed: set = set()
-
-
 def tree_attention(
     q: mx.array,
     k: mx.array,
@@ -290,10 +286,3 @@ def tree_attention(
     limit = threadgroup_limit(flavour, q.dtype, dim, sps)
     plan = make_plan(q, k, v, table, offset, n_main, window, scale, max_threads=limit)
     return run_plan(plan, flavour)
-
-
-def warn_once(key: str, message: str) -> None:
-    """Emit ``message`` as a RuntimeWarning once per ``key`` and process."""
-    if key not in _failed:
-        _failed.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)

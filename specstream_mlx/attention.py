@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
@@ -41,6 +42,7 @@ _reference = _mlx_base.scaled_dot_product_attention
 # A fused implementation: (q, k_buf, v_buf, table, offset, n_main, window, scale) -> out.
 FusedImpl = Callable[..., mx.array]
 _override: Optional[FusedImpl] = None
+_disabled: Optional[str] = None  # why the fused kernel failed in this process (auto mode)
 
 
 def mode() -> str:
@@ -55,6 +57,8 @@ def fused_impl() -> Optional[FusedImpl]:
     """The fused kernel for the current device, or ``None`` (reference only)."""
     if _override is not None:
         return _override
+    if _disabled is not None:
+        return None
     from .kernels_metal import launch
 
     return launch.tree_attention if launch.backend() is not None else None
@@ -167,6 +171,19 @@ def _buffers(keys: mx.array, values: mx.array, cache) -> tuple:
     return k_buf, v_buf
 
 
+def _disable(why: str) -> None:
+    """Stop using the fused kernel in this process (auto mode), saying why once."""
+    global _disabled
+    if _disabled is None:
+        _disabled = why
+        warnings.warn(
+            f"fused tree attention failed, using the reference from now on ({why}). "
+            f"Set {ENV}=reference to silence this, or report the error",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def _dispatch(fallback, queries, keys, values, cache, scale, mask, sinks):
     if isinstance(mask, TreeMask):
         policy = mode()
@@ -174,8 +191,14 @@ def _dispatch(fallback, queries, keys, values, cache, scale, mask, sinks):
         reason = _unfit_reason(queries, keys, cache, mask, sinks) if impl else "no fused kernel on this device"
         if reason is None:
             k_buf, v_buf = _buffers(keys, values, cache)
-            return impl(queries, k_buf, v_buf, mask.table, mask.offset, mask.desc.n_main,
-                        mask.window, scale)
+            try:
+                return impl(queries, k_buf, v_buf, mask.table, mask.offset, mask.desc.n_main,
+                            mask.window, scale)
+            except Exception as exc:  # a kernel that fails to build or launch here
+                if policy == "fused":
+                    raise
+                _disable(f"{type(exc).__name__}: {exc}")
+                reason = "the fused kernel failed"
         if policy == "fused":
             raise RuntimeError(
                 f"{ENV}=fused but this call cannot take the fused kernel: {reason}. "

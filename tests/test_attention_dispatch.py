@@ -164,3 +164,24 @@ def test_greedy_decode_lossless_with_fused_forced_on(monkeypatch, family, seed):
     assert got[:16] == want
     assert calls, "the fused path was never taken"
     assert accepted > 0, "no draft accepted: committing tree rows went untested"
+
+
+def test_auto_mode_falls_back_when_the_kernel_fails(monkeypatch):
+    monkeypatch.setenv(attention.ENV, "auto")
+    monkeypatch.setattr(attention, "_disabled", None)
+    model = ss_model("llama")
+    prompt, tree = random_prompt(5), build_tree((2, 1))
+    ref_main, _ = tree_forward(model, prompt, tree)
+
+    def failing(*args):
+        raise RuntimeError("Unable to build metal library from source")
+
+    with attention.fused_override(failing):
+        with pytest.warns(RuntimeWarning, match="using the reference"):
+            main, _ = tree_forward(model, prompt, tree)
+    assert mx.array_equal(main, ref_main)
+    assert "metal library" in attention._disabled
+    monkeypatch.setenv(attention.ENV, "fused")
+    with attention.fused_override(failing):
+        with pytest.raises(RuntimeError, match="metal library"):
+            tree_forward(model, prompt, tree)

@@ -159,3 +159,23 @@ def test_shim_simd_collectives(flavour, tmp_path: Path):
             assert np.array_equal(group[:, 3], np.where(lane + 4 < 32, lane + 4, lane))
             assert np.array_equal(group[:, 4], lane ^ 16)
             assert np.array_equal(group[:, 5], np.where(lane + 1 < 32, lane + 1, lane))
+
+
+def test_bench_kernel_command_runs_reference_only_here(tmp_path: Path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from specstream_mlx.cli import app
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench-kernel", "--tree-sizes", "1,3", "--prefixes", "0,40",
+                                      "--heads", "4", "--kv-heads", "2", "--head-dim", "64",
+                                      "--repeats", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "no fused kernel on backend cpu" in result.output
+    rows = json.loads(out.read_text())
+    assert [(r["nodes"], r["prefix"]) for r in rows] == [(1, 0), (1, 40), (3, 0), (3, 40)]
+    assert all(r["rows"] == 4 * r["nodes"] and "fused_ms" not in r for r in rows)
+    bad = CliRunner().invoke(app, ["bench-kernel", "--heads", "3", "--kv-heads", "2"])
+    assert bad.exit_code == 2 and "multiple" in bad.output
