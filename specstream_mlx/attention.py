@@ -15,9 +15,9 @@ model to ``scaled_dot_product_attention`` below, which:
 The reference is ``mx.fast.scaled_dot_product_attention`` with a boolean mask
 (via mlx-lm). ``SPECSTREAM_ATTENTION`` picks the policy: ``auto`` (default),
 ``reference`` (never the fused kernel) or ``fused`` (every tree / multi-stream
-call must take the fused kernel, and an error says why when it cannot; plain
-chains such as the prefill and 1-row decoding keep the reference's fast
-paths under every policy).
+call must take the fused kernel, and an error says why when it cannot). Plain
+chains (prefill chunks without stream rows, 1-row decoding) always take the
+reference, with its ``None`` / ``"causal"`` fast paths.
 """
 
 from __future__ import annotations
@@ -116,15 +116,20 @@ def layer_mask(base, block: np.ndarray, offset: int, positions: np.ndarray,
                window: Optional[int], is_chain: bool, describe) -> MaskLike:
     """The mask argument for a layer group: a ``TreeMask`` where the fused path may run.
 
+    Tree and multi-stream groups get a ``TreeMask`` when the fused path is
+    wanted; plain chains and everything under ``reference`` get exactly
+    ``masks.build_mask``.
+
     Args:
         base: the mlx-lm model (the dispatch must be installed in its module).
         block, offset, positions, window, is_chain: as ``masks.build_mask``.
         describe: zero-argument callable returning the group's ``TreeDesc``.
     """
-    dense_is_cheap = is_chain and (window is None or int(positions.max()) + offset < window)
     policy = mode()
     wanted = policy == "fused" or (policy == "auto" and fused_impl() is not None)
-    if dense_is_cheap or not wanted:
+    # Plain chains (prefill chunks, 1-row decoding) keep the reference and its
+    # None / "causal" fast paths, so the baseline is never changed.
+    if is_chain or not wanted:
         return build_mask(block, offset, positions, window, is_chain)
     if not is_installed(base):
         if policy == "fused":
