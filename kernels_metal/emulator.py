@@ -330,5 +330,30 @@ def emulated_tree_attention(emulator: Emulator, simd_groups=None, slots=None, ma
     return impl
 
 
+def shipped_variants() -> list:
+    """The variants the runtime can launch: every dtype x head dim, 1 and 8 SIMD groups."""
+    return [Variant(d, h, n, launch.slots_per_group(h))
+            for d in ("float32", "float16", "bfloat16") for h in launch.HEAD_DIMS for n in (1, 8)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m specstream_mlx.kernels_metal.emulator``: syntax-check both flavours (CI)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args not in ([], ["--syntax-only"]):
+        print("usage: python -m specstream_mlx.kernels_metal.emulator [--syntax-only]",
+              file=sys.stderr)
+        return 2
+    for flavour in ("metal", "cuda"):
+        syntax_check(flavour, shipped_variants())
+        print(f"{flavour}: kernel source compiles under the shim ({len(shipped_variants())} variants)")
+    return 0
+
+
+
 __all__ = ["Emulator", "Variant", "emulated_tree_attention", "syntax_check",
            "translation_unit", "metal_attributes"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,14 +3,15 @@
 mlx-lm's attention modules call ``scaled_dot_product_attention(queries, keys,
 values, cache=..., scale=..., mask=...)``, a name each model module imports
 from ``mlx_lm.models.base``. ``install`` rebinds that name in the module of a
-model to ``scaled_dot_product_attention`` below, which:
+model to a dispatch function (``make_dispatch``, wrapping the module's own
+function), which:
 
 * for a ``TreeMask`` (made by the runtime's forward for tree / multi-stream
   rows) runs the fused kernel (``kernels_metal``) when the backend has one and
   the call fits it, and otherwise builds the dense mask and runs the
   reference;
-* for anything else calls mlx-lm's own function unchanged, so plain mlx-lm
-  use of the same model class is unaffected.
+* for anything else calls the module's own function unchanged, so plain
+  mlx-lm use of the same model class is unaffected.
 
 The reference is ``mx.fast.scaled_dot_product_attention`` with a boolean mask
 (via mlx-lm). ``SPECSTREAM_ATTENTION`` picks the policy: ``auto`` (default),
@@ -195,7 +196,7 @@ def _dispatch(fallback, queries, keys, values, cache, scale, mask, sinks):
         impl = fused_impl() if policy != "reference" else None
         reason = _unfit_reason(queries, keys, cache, mask, sinks) if impl else "no fused kernel on this device"
         if reason is None:
-            k_buf, v_buf = _buffers(keys, values, cache)
+            k_buf, v_buf = _buffers(keys, values, cache)  # (1, Hkv, cap, D) each
             try:
                 return impl(queries, k_buf, v_buf, mask.table, mask.offset, mask.desc.n_main,
                             mask.window, scale)

@@ -21,7 +21,7 @@ from specstream_mlx.cache import make_cache
 from specstream_mlx.config import SpecStreamConfig, TreeDefaults
 from specstream_mlx.decode import TreeSettings, decode, tree_rows
 from specstream_mlx.families import family_for
-from specstream_mlx.forward import forward, logits
+from specstream_mlx.forward import PruneSettings, forward, logits
 from specstream_mlx.kernels_metal import emulator
 from specstream_mlx.masks import chain_rows
 from specstream_mlx.model import SpecStreamModel
@@ -56,7 +56,7 @@ def emulated(counter=None):
     return impl
 
 
-def tree_forward(model, prompt, tree):
+def tree_forward(model, prompt, tree, prune=None):
     """Prefill ``prompt`` then one tree forward; main and stream logits."""
     cache = make_cache(model.num_layers)
     forward(model, mx.array(prompt), chain_rows(len(prompt)), cache)
@@ -64,7 +64,9 @@ def tree_forward(model, prompt, tree):
 
     commit(cache, np.arange(len(prompt)), None, model.num_layers)
     tokens = mx.array(np.arange(tree.size) + 3)
-    out = forward(model, tokens, tree_rows(tree), cache, tree=tree)
+    out = forward(model, tokens, tree_rows(tree), cache, tree=tree, prune=prune)
+    if prune is not None:
+        assert out.kept is not None and out.kept.size == prune.max_keep
     return logits(model, out.main_hidden), logits(model, out.stream_hidden)
 
 
@@ -183,3 +185,19 @@ def test_auto_mode_falls_back_when_the_kernel_fails(monkeypatch):
     with attention.fused_override(failing):
         with pytest.raises(RuntimeError, match="metal library"):
             tree_forward(model, prompt, tree)
+
+
+def test_pruned_tree_forward_with_emulated_kernel_matches_reference(monkeypatch):
+    """Early-exit pruning keeps 4 of 7 nodes: the top layers see the pruned tree."""
+    model = ss_model("llama", seed=2)
+    prompt, tree = random_prompt(9, seed=5), build_tree((3, 2), max_nodes=7)
+    prune = PruneSettings(threshold=0.0, max_keep=4)
+    monkeypatch.setenv(attention.ENV, "reference")
+    ref_main, ref_streams = tree_forward(model, prompt, tree, prune)
+    monkeypatch.setenv(attention.ENV, "fused")
+    calls = []
+    with attention.fused_override(emulated(calls)):
+        main, streams = tree_forward(model, prompt, tree, prune)
+    assert [c[2] for c in calls] == [7, 7, 16, 16]
+    np.testing.assert_allclose(np.array(main), np.array(ref_main), atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(np.array(streams), np.array(ref_streams), atol=2e-4, rtol=2e-4)
