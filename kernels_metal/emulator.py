@@ -351,9 +351,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-
-__all__ = ["Emulator", "Variant", "emulated_tree_attention", "syntax_check",
-           "translation_unit", "metal_attributes"]
+__all__ = ["Emulator", "Variant", "emulated_tree_attention", "main", "metal_attributes",
+           "shipped_variants", "syntax_check", "translation_unit"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
