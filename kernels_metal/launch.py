@@ -262,6 +262,19 @@ def threadgroup_limit(
     return limit
 
 
+def prepare(dtype, head_dim: int) -> Optional[int]:
+    """Query the threadgroup limit ahead of time (compiles and probes the kernel).
+
+    The first fused call per (dtype, head dim) does this eagerly (it evaluates a
+    tiny launch); call ``prepare`` before tracing a step with ``mx.compile``.
+    Returns the limit in threads, or ``None`` without a fused backend.
+    """
+    flavour = backend()
+    if flavour is None:
+        return None
+    return threadgroup_limit(flavour, dtype, head_dim, slots_per_group(head_dim))
+
+
 def tree_attention(
     q: mx.array,
     k: mx.array,

@@ -179,3 +179,7 @@ def test_bench_kernel_command_runs_reference_only_here(tmp_path: Path):
     assert all(r["rows"] == 4 * r["nodes"] and "fused_ms" not in r for r in rows)
     bad = CliRunner().invoke(app, ["bench-kernel", "--heads", "3", "--kv-heads", "2"])
     assert bad.exit_code == 2 and "multiple" in bad.output
+
+
+def test_prepare_is_a_no_op_without_a_backend():
+    assert launch.prepare(mx.float16, 128) is None
