@@ -124,13 +124,14 @@ def layer_mask(base, block: np.ndarray, offset: int, positions: np.ndarray,
     Args:
         base: the mlx-lm model (the dispatch must be installed in its module).
         block, offset, positions, window, is_chain: as ``masks.build_mask``.
-        describe: zero-argument callable returning the group's ``TreeDesc``.
+        describe: zero-argument callable returning the group's ``TreeDesc``
+            (``None``: always the dense mask).
     """
     policy = mode()
     wanted = policy == "fused" or (policy == "auto" and fused_impl() is not None)
     # Plain chains (prefill chunks, 1-row decoding) keep the reference and its
     # None / "causal" fast paths, so the baseline is never changed.
-    if is_chain or not wanted:
+    if is_chain or not wanted or describe is None:
         return build_mask(block, offset, positions, window, is_chain)
     if not is_installed(base):
         if policy == "fused":

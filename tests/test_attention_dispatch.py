@@ -9,6 +9,7 @@ runtime then hands every tree / multi-stream attention call, through the
 from __future__ import annotations
 
 import sys
+from unittest.mock import patch
 
 import mlx.core as mx
 import numpy as np
@@ -31,11 +32,12 @@ from specstream_mlx.tree import build_tree
 WIDE = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
-def ss_model(family: str, seed: int = 0, mode: str = "lossless") -> SpecStreamModel:
-    CONFIGS[f"{family}-wide"] = dict(CONFIGS[family], **WIDE,
-                                     **({"head_dim": 64, "query_pre_attn_scalar": 64}
-                                        if "head_dim" in CONFIGS[family] else {}))
-    base, config = base_model(f"{family}-wide", seed)
+def wide_model(family: str, seed: int = 0, mode: str = "lossless") -> SpecStreamModel:
+    """A random ``SpecStreamModel`` of ``family`` with head dim 64 and GQA 2."""
+    extra = {"head_dim": 64, "query_pre_attn_scalar": 64} if "head_dim" in CONFIGS[family] else {}
+    key = f"{family}-wide"
+    with patch.dict(CONFIGS, {key: dict(CONFIGS[family], **WIDE, **extra)}):
+        base, config = base_model(key, seed)
     ss = SpecStreamConfig(gamma=3, stream_layers=2, mode=mode, hidden_size=128,
                           vocab_size=config["vocab_size"], num_layers=4,
                           tree=TreeDefaults(widths=(2, 1), max_nodes=4))
@@ -72,7 +74,7 @@ def tree_forward(model, prompt, tree, prune=None):
 
 def test_cpu_dispatch_takes_the_reference(monkeypatch):
     monkeypatch.delenv(attention.ENV, raising=False)
-    model = ss_model("llama")
+    model = wide_model("llama")
     assert attention.is_installed(model.base)
     assert attention.fused_impl() is None  # no Metal/CUDA on this machine
     mask = attention.layer_mask(model.base, np.tril(np.ones((3, 3), bool)), 5,
@@ -81,7 +83,7 @@ def test_cpu_dispatch_takes_the_reference(monkeypatch):
 
 
 def test_non_tree_calls_are_mlx_lm_unchanged():
-    model = ss_model("llama")
+    model = wide_model("llama")
     module = sys.modules[type(model.base).__module__]
     dispatch = module.scaled_dot_product_attention
     assert dispatch is not attention._reference
@@ -95,7 +97,7 @@ def test_non_tree_calls_are_mlx_lm_unchanged():
 
 
 def test_install_is_idempotent_and_reversible():
-    model = ss_model("qwen2")
+    model = wide_model("qwen2")
     module = sys.modules[type(model.base).__module__]
     first = module.scaled_dot_product_attention
     attention.install(model.base)
@@ -114,14 +116,14 @@ def test_bad_env_value_says_what_to_do(monkeypatch):
 
 def test_forced_fused_without_a_kernel_raises(monkeypatch):
     monkeypatch.setenv(attention.ENV, "fused")
-    model = ss_model("llama")
+    model = wide_model("llama")
     with pytest.raises(RuntimeError, match="fused"):
         tree_forward(model, random_prompt(5), build_tree((2, 1)))
 
 
 def test_forced_reference_never_calls_the_kernel(monkeypatch):
     monkeypatch.setenv(attention.ENV, "reference")
-    model = ss_model("llama")
+    model = wide_model("llama")
 
     def boom(*args):
         raise AssertionError("fused kernel called under SPECSTREAM_ATTENTION=reference")
@@ -134,7 +136,7 @@ def test_forced_reference_never_calls_the_kernel(monkeypatch):
 def test_tree_forward_with_emulated_kernel_matches_reference(monkeypatch, family):
     """Main and stream logits of a tree forward agree (gemma3: sliding window 8 bites)."""
     monkeypatch.setenv(attention.ENV, "auto")
-    model = ss_model(family, seed=1)
+    model = wide_model(family, seed=1)
     prompt = random_prompt(11, seed=2)
     tree = build_tree((2, 2), max_nodes=6)
     ref_main, ref_streams = tree_forward(model, prompt, tree)
@@ -151,7 +153,7 @@ def test_tree_forward_with_emulated_kernel_matches_reference(monkeypatch, family
 @pytest.mark.parametrize("family,seed", [("llama", 3), ("gemma3_text", 5)])
 def test_greedy_decode_lossless_with_fused_forced_on(monkeypatch, family, seed):
     """Fused path forced on (emulated Metal kernel): greedy output equals mlx-lm's."""
-    model = ss_model(family, seed=seed)
+    model = wide_model(family, seed=seed)
     prompt = random_prompt(7, seed=4)
     want = reference_tokens(model.base, prompt, 16)
     monkeypatch.setenv(attention.ENV, "fused")
@@ -169,7 +171,7 @@ def test_greedy_decode_lossless_with_fused_forced_on(monkeypatch, family, seed):
 def test_auto_mode_falls_back_when_the_kernel_fails(monkeypatch):
     monkeypatch.setenv(attention.ENV, "auto")
     monkeypatch.setattr(attention, "_disabled", None)
-    model = ss_model("llama")
+    model = wide_model("llama")
     prompt, tree = random_prompt(5), build_tree((2, 1))
     ref_main, _ = tree_forward(model, prompt, tree)
 
@@ -189,7 +191,7 @@ def test_auto_mode_falls_back_when_the_kernel_fails(monkeypatch):
 
 def test_pruned_tree_forward_with_emulated_kernel_matches_reference(monkeypatch):
     """Early-exit pruning keeps 4 of 7 nodes: the top layers see the pruned tree."""
-    model = ss_model("llama", seed=2)
+    model = wide_model("llama", seed=2)
     prompt, tree = random_prompt(9, seed=5), build_tree((3, 2), max_nodes=7)
     prune = PruneSettings(threshold=0.0, max_keep=4)
     monkeypatch.setenv(attention.ENV, "reference")
