@@ -180,6 +180,11 @@ def test_cli_bad_checkpoints(tmp_path, checkpoint):
     (version / "specstream.json").write_text(json.dumps(config))
     _fails_cleanly(["generate", "--model", str(version), "-p", "hi"], "format_version")
 
+    alien = _copy(checkpoint, tmp_path / "alien")
+    config = json.loads((alien / "config.json").read_text())
+    (alien / "config.json").write_text(json.dumps(dict(config, model_type="mamba")))
+    _fails_cleanly(["generate", "--model", str(alien), "-p", "hi"], "unsupported architecture")
+
     plain = tmp_path / "plain"
     write_base(plain, "llama")
     _fails_cleanly(["generate", "--model", str(plain), "-p", "hi"], "specstream-mlx init")
