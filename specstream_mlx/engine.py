@@ -13,6 +13,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
@@ -95,20 +96,26 @@ class Job:
         """Yield events until the job ends.
 
         Args:
-            poll: seconds between checks of ``client_gone`` while waiting.
-            client_gone: optional callable; when it returns true the job is
-                cancelled and the iteration stops.
+            poll: seconds between checks of ``client_gone``.
+            client_gone: optional callable, checked every ``poll`` seconds
+                (also while events keep coming); when it returns true the job
+                is cancelled and the iteration stops.
         """
+        next_check = time.monotonic() + poll
         while True:
             try:
-                kind, value = self._events.get(timeout=poll)
+                event = self._events.get(timeout=poll)
             except queue.Empty:
-                if client_gone is not None and client_gone():
+                event = None
+            if client_gone is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + poll
+                if client_gone():
                     self.cancel()
                     return
+            if event is None:
                 continue
-            yield kind, value
-            if kind in ("done", "error"):
+            yield event
+            if event[0] in ("done", "error"):
                 return
 
 
