@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -122,23 +122,28 @@ class Job:
 class Engine:
     """Runs ``GenerationRequest``s one at a time on a worker thread.
 
+    The worker thread also loads the model (as mlx-lm's server does), so every
+    MLX operation on it happens on one thread.
+
     Args:
-        model, tokenizer: from ``load``.
+        loader: returns ``(model, tokenizer)``, e.g. ``lambda: load(path)``.
         max_queue: requests that may wait while one is generating; a request
             over that bound is refused with ``QueueFullError``.
         speculative: ``False`` decodes one token per forward (baseline).
         tree: draft tree settings; default: the checkpoint's.
     """
 
-    def __init__(self, model, tokenizer, max_queue: int = 8, speculative: bool = True,
-                 tree: Optional[TreeSettings] = None):
+    def __init__(self, loader: Callable[[], tuple], max_queue: int = 8,
+                 speculative: bool = True, tree: Optional[TreeSettings] = None):
         if max_queue < 0:
             raise ValueError(f"the queue bound must be >= 0, got {max_queue}")
-        self.model = model
-        self.tokenizer = tokenizer
+        self.model = self.tokenizer = None
         self.max_queue = max_queue
         self.speculative = speculative
         self.tree = tree
+        self._loader = loader
+        self._load_error: Optional[BaseException] = None
+        self._ready = threading.Event()
         self._waiting: "collections.deque[Job]" = collections.deque()
         self._running: Optional[Job] = None
         self._cond = threading.Condition()
@@ -148,7 +153,15 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="specstream-generate", daemon=True)
 
     def start(self) -> "Engine":
+        """Start the worker and wait until it has loaded the model.
+
+        Raises:
+            Whatever the loader raised (a bad checkpoint path ...).
+        """
         self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -172,6 +185,7 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
+            self._drop_cancelled()
             held = len(self._waiting) + (1 if self._running is not None else 0)
             if held >= self.max_queue + 1:
                 raise QueueFullError(
@@ -185,6 +199,7 @@ class Engine:
     def status(self) -> dict:
         """Queue state and the memory figures after the last request."""
         with self._cond:
+            self._drop_cancelled()
             return {
                 "busy": self._running is not None,
                 "waiting": len(self._waiting),
@@ -193,7 +208,20 @@ class Engine:
                 "memory": dict(self._memory),
             }
 
+    def _drop_cancelled(self) -> None:
+        """Free the queue slots of waiting jobs whose clients left (lock held)."""
+        kept = [job for job in self._waiting if not job.cancelled]
+        self._counts["cancelled"] += len(self._waiting) - len(kept)
+        self._waiting = collections.deque(kept)
+
     def _work(self) -> None:
+        try:
+            self.model, self.tokenizer = self._loader()
+        except Exception as exc:
+            self._load_error = exc
+            return
+        finally:
+            self._ready.set()
         while True:
             with self._cond:
                 while not self._waiting and not self._stopping:
@@ -262,9 +290,9 @@ def _spec_stats(last, speculative: bool) -> dict:
     return {
         "speculative": speculative,
         "forwards": last.forwards,
-        "tokens_per_forward": round(last.tokens_per_forward, 4),
-        "acceptance_by_depth": [round(a, 4) for a in last.acceptance_by_depth],
-        "prompt_tps": round(last.prompt_tps, 3),
-        "generation_tps": round(last.generation_tps, 3),
-        "peak_memory_gb": round(last.peak_memory, 4),
+        "tokens_per_forward": last.tokens_per_forward,
+        "acceptance_by_depth": list(last.acceptance_by_depth),
+        "prompt_tps": last.prompt_tps,
+        "generation_tps": last.generation_tps,
+        "peak_memory_gb": last.peak_memory,
     }

@@ -352,7 +352,6 @@ def serve(settings: ServerSettings) -> None:
         ServerStartError: the address cannot be bound.
         CheckpointError, UnsupportedArchitectureError: the model cannot be loaded.
     """
-    from .decode import TreeSettings
     from .loading import load
 
     if settings.max_queue < 0:
@@ -361,12 +360,9 @@ def serve(settings: ServerSettings) -> None:
         raise ValueError(f"--max-tokens must be at least 1, got {settings.max_tokens}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     server = make_server(settings.host, settings.port)
-    engine = None
+    engine = Engine(lambda: load(settings.model), settings.max_queue, settings.speculative)
     try:
-        model, tokenizer = load(settings.model)
-        d = model.config.tree
-        tree = TreeSettings(tuple(d.widths), d.max_nodes, d.prune_threshold)
-        engine = Engine(model, tokenizer, settings.max_queue, settings.speculative, tree).start()
+        engine.start()
         server.app = App(engine, settings.model, settings)
         if not is_loopback(settings.host) and settings.api_key is None:
             log.warning("listening on %s without --api-key: anyone who can reach this "
@@ -383,5 +379,4 @@ def serve(settings: ServerSettings) -> None:
         pass
     finally:
         server.server_close()
-        if engine is not None:
-            engine.stop()
+        engine.stop()

@@ -13,6 +13,34 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 
+def write_text_checkpoint(root: Path, seed: int = 3) -> Path:
+    """A tiny random llama checkpoint whose greedy output is printable ASCII.
+
+    The embedding rows (tied to the LM head) of every other token are scaled
+    down, so the argmax lands on printable characters: texts differ from prompt
+    to prompt and compare meaningfully (random bytes would mostly decode to
+    U+FFFD).
+    """
+    import mlx.core as mx
+    from mlx_lm.utils import load_tokenizer
+
+    from helpers import write_base
+    from specstream_mlx.loading import init_checkpoint
+
+    base = write_base(root / "base", "llama", seed=seed)
+    tokenizer = load_tokenizer(base)
+    weights = mx.load(str(base / "model.safetensors"))
+    embed = weights["model.embed_tokens.weight"]
+    scale = [1.0 if _printable(tokenizer.decode([i])) else 0.1 for i in range(embed.shape[0])]
+    weights["model.embed_tokens.weight"] = embed * mx.array(scale)[:, None]
+    mx.save_safetensors(str(base / "model.safetensors"), weights)
+    return init_checkpoint(str(base), str(root / "ckpt"), gamma=3, stream_layers=2)
+
+
+def _printable(text: str) -> bool:
+    return len(text) == 1 and text.isascii() and text.isprintable()
+
+
 class ServerProcess:
     """``python -m specstream_mlx serve --port 0 ...`` and the port it chose."""
 
