@@ -170,6 +170,7 @@ class Engine:
             self._stopping = True
             for job in list(self._waiting) + ([self._running] if self._running else []):
                 job.cancel()
+                job.put("error", "the server is shutting down")
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -216,12 +217,22 @@ class Engine:
 
     def _work(self) -> None:
         try:
-            self.model, self.tokenizer = self._loader()
-        except Exception as exc:
-            self._load_error = exc
-            return
+            try:
+                self.model, self.tokenizer = self._loader()
+            except Exception as exc:
+                self._load_error = exc
+                return
+            finally:
+                self._ready.set()
+            self._serve_jobs()
         finally:
-            self._ready.set()
+            # MLX needs each thread that used it to free its streams before the
+            # thread (or the process) ends; without this, exits abort at random.
+            clear = getattr(mx, "clear_streams", None)
+            if clear is not None:
+                clear()
+
+    def _serve_jobs(self) -> None:
         while True:
             with self._cond:
                 while not self._waiting and not self._stopping:

@@ -362,6 +362,12 @@ def test_api_key_and_sigterm(checkpoint):
         right = {"Authorization": "Bearer s3cret"}
         status, out = request(srv.port, "POST", CHAT, chat_body("x", max_tokens=4), headers=right)
         assert status == 200 and out["usage"]["completion_tokens"] >= 1
+        # SIGTERM while a stream is being generated: a clean exit all the same.
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("POST", CHAT, body=json.dumps(chat_body("x", max_tokens=2000, stream=True)),
+                     headers=dict(right, **{"Content-Type": "application/json"}))
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
     finally:
         code = srv.stop()
     assert code == 0, srv.stderr()
