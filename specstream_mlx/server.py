@@ -243,10 +243,15 @@ class Handler(BaseHTTPRequestHandler):
         ))
 
     def _stream(self, job: Job, responses: Responses, include_usage: bool) -> None:
+        self._chunked = self.request_version != "HTTP/1.0"  # 1.0 clients: end = close
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self._started = True
         if responses.chat:
@@ -272,7 +277,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _chunk(self, data: bytes) -> None:
         """One piece of a chunked body (an empty one ends the body)."""
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if self._chunked:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.wfile.write(data)
         self.wfile.flush()
 
     def _send_json(self, status: int, obj: dict, close: bool = False) -> None:
