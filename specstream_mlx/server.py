@@ -145,15 +145,23 @@ class Handler(BaseHTTPRequestHandler):
                                code="not_found")
             routes[path]()
         except APIError as exc:
-            self._send_json(exc.status, exc.body(), close=True)
+            self._send_error(exc.status, exc.body())
         except OSError as exc:  # the client went away mid-response
             log.info("connection lost: %s", exc)
             self.close_connection = True
         except Exception as exc:  # never let one request take the server down
             log.error("internal error on %s %s: %s: %s", self.command, path, type(exc).__name__, exc)
-            if not self._started:
-                self._send_json(500, error_body(f"internal error: {exc}", "server_error"), close=True)
-            self.close_connection = True
+            self._send_error(500, error_body(f"internal error: {exc}", "server_error"))
+
+    def _send_error(self, status: int, body: dict) -> None:
+        """Answer with an error body (if nothing was sent yet) and close the connection."""
+        self.close_connection = True
+        if self._started:
+            return
+        try:
+            self._send_json(status, body, close=True)
+        except OSError:
+            pass
 
     def _check_host(self) -> None:
         if not self.app.check_host:
@@ -204,7 +212,10 @@ class Handler(BaseHTTPRequestHandler):
     def _complete(self, chat: bool) -> None:
         app = self.app
         req = parse_request(self._read_json(), chat)
-        tokens = app.prompt_tokens(req)
+        try:
+            tokens = app.prompt_tokens(req)
+        except ValueError as exc:  # e.g. a prompt that encodes to no tokens
+            raise APIError(400, str(exc), param="messages" if chat else "prompt") from None
         max_tokens = resolve_max_tokens(req.max_tokens, len(tokens), app.context,
                                         app.settings.max_tokens)
         try:
