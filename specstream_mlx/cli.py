@@ -84,15 +84,6 @@ def _read_prompt(prompt: str) -> str:
     return prompt
 
 
-def _format_prompt(tokenizer, prompt, system_prompt, ignore_chat_template):
-    if ignore_chat_template or getattr(tokenizer, "chat_template", None) is None:
-        return prompt
-    messages = [{"role": "user", "content": prompt}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 @app.command()
 def generate(
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id."),
@@ -127,6 +118,7 @@ def generate(
         widths = _parse_widths(tree_width)
         from .generate import format_stats, stream_generate
         from .loading import load
+        from .prompts import format_prompt
 
         ss_model, tokenizer = load(model)
         defaults = ss_model.config.tree
@@ -137,7 +129,7 @@ def generate(
         )
         if verbose:
             typer.echo(describe_runtime(ss_model), err=True)
-        full = _format_prompt(tokenizer, text, system_prompt, ignore_chat_template)
+        full = format_prompt(tokenizer, text, system_prompt, ignore_chat_template)
         last = None
         for last in stream_generate(
             ss_model, tokenizer, full, max_tokens, temp=temp, top_p=top_p, top_k=top_k,
@@ -195,6 +187,37 @@ def bench_kernel(
         typer.echo(bench.format_table(results))
         if json_out is not None:
             json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: loopback only)."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port, printed at start)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="SPECSTREAM_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on every request."),
+    max_queue: int = typer.Option(8, "--max-queue", help="Requests that may wait while one generates; more get 429."),
+    max_tokens: int = typer.Option(512, "-m", "--max-tokens", help="Limit for requests that give no max_tokens."),
+    no_spec: bool = typer.Option(False, "--no-spec", help="Plain one-token decoding (baseline)."),
+    watch_stdin: bool = typer.Option(False, "--watch-stdin", help="Exit when standard input closes (for apps)."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
+    from .server import ServerSettings, ServerStartError
+    from .server import serve as run_server
+
+    def run():
+        if model is None:
+            raise UsageError("give --model (a checkpoint made with `specstream-mlx init` or convert)")
+        if not 0 <= port <= 65535:
+            raise UsageError(f"--port must be in 0..65535, got {port}")
+        try:
+            run_server(ServerSettings(
+                model=model, host=host, port=port, api_key=api_key or None, max_queue=max_queue,
+                max_tokens=max_tokens, speculative=not no_spec, watch_stdin=watch_stdin,
+            ))
+        except ServerStartError as exc:
+            raise UsageError(str(exc)) from None
 
     _run(run)
 
