@@ -54,6 +54,9 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
     try:
         yield tmp
         if out.exists():

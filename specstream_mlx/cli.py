@@ -199,6 +199,11 @@ def bench_kernel(
     _run(run)
 
 
+from .convert.cli import convert_command  # noqa: E402
+
+app.command("convert")(convert_command)
+
+
 def describe_runtime(model) -> str:
     """Backend, BLAS and dtype, for ``--verbose``."""
     import mlx.core as mx
