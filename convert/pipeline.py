@@ -90,6 +90,24 @@ def _stream_config(streams: Optional[StreamWeights], config: dict, gamma: int,
     return ss
 
 
+def copy_mlx_streams(folder: Path, config: dict, out: Path) -> SpecStreamConfig:
+    """Copy ``specstream.json`` / ``.safetensors`` from an MLX checkpoint folder, checking they fit."""
+    from ..config import CONFIG_FILE, WEIGHTS_FILE, read_config
+
+    ss = read_config(folder)
+    for name, have, want in (("hidden size", ss.hidden_size, config["hidden_size"]),
+                             ("vocabulary size", ss.vocab_size, config["vocab_size"]),
+                             ("layer count", ss.num_layers, config["num_hidden_layers"])):
+        if have != want:
+            raise ConversionError(
+                f"the streams in {folder} were made for a base model with {name} {have}, "
+                f"but the base model being converted has {want}"
+            )
+    shutil.copy2(folder / CONFIG_FILE, out / CONFIG_FILE)
+    shutil.copy2(folder / WEIGHTS_FILE, out / WEIGHTS_FILE)
+    return ss
+
+
 def write_streams(base, model_type: str, ss_config: SpecStreamConfig,
                   streams: Optional[StreamWeights], out: Path, seed: int = 0) -> None:
     """Write ``specstream.json`` / ``.safetensors``: trained streams, or fresh ones from ``seed``."""
@@ -117,6 +135,7 @@ def convert(
     *,
     gguf: Optional[str] = None,
     streams: Optional[str] = None,
+    mlx_streams: Optional[Path] = None,
     dtype: Optional[str] = None,
     quantize_bits: Optional[int] = None,
     q_group_size: int = 64,
@@ -138,6 +157,8 @@ def convert(
         gguf: a llama.cpp GGUF file (Q4_0/Q4_1/Q8_0 tensors stay quantized).
         streams: a PyTorch SS checkpoint with trained streams; without it,
             fresh (untrained) streams are made from ``seed``.
+        mlx_streams: instead, a folder with ``specstream.json`` and
+            ``specstream.safetensors`` to copy (the package's own streams).
         dtype: float16 | bfloat16 | float32 for the float parameters
             (default: the source's).
         quantize_bits: quantize the float layers to this many bits (``None``: don't).
@@ -191,7 +212,13 @@ def convert(
         say(f"writing {out}", quiet)
         save_base(model, config, tmp)
         write_tokenizer(tmp)
-        write_streams(model, config["model_type"], ss_config, trained, tmp, seed)
-    kind = "trained streams from " + str(streams) if trained else f"fresh untrained streams (seed {seed})"
+        if mlx_streams is not None:
+            ss_config = copy_mlx_streams(Path(mlx_streams), config, tmp)
+        else:
+            write_streams(model, config["model_type"], ss_config, trained, tmp, seed)
+    if trained is not None or mlx_streams is not None:
+        kind = f"trained streams from {streams or mlx_streams}"
+    else:
+        kind = f"fresh untrained streams (seed {seed})"
     say(f"done: {out} (gamma={ss_config.gamma}, {kind})", quiet)
     return out

@@ -95,7 +95,7 @@ def _format_prompt(tokenizer, prompt, system_prompt, ignore_chat_template):
 
 @app.command()
 def generate(
-    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id."),
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id (default: SmolLM2-135M-Instruct)."),
     prompt: str = typer.Option(..., "-p", "--prompt", help="Prompt text, or - to read stdin."),
     max_tokens: int = typer.Option(256, "-m", "--max-tokens", help="Maximum tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0: greedy)."),
@@ -115,8 +115,6 @@ def generate(
     from .decode import TreeSettings
 
     def run():
-        if model is None:
-            raise UsageError("give --model (a checkpoint made with `specstream-mlx init` or convert)")
         if max_tokens < 1:
             raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
         if temp < 0:
@@ -128,7 +126,9 @@ def generate(
         from .generate import format_stats, stream_generate
         from .loading import load
 
-        ss_model, tokenizer = load(model)
+        from .convert.default_model import default_model_path
+
+        ss_model, tokenizer = load(model if model is not None else str(default_model_path()))
         defaults = ss_model.config.tree
         tree = TreeSettings(
             widths or tuple(defaults.widths),
