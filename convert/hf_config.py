@@ -56,7 +56,7 @@ def _with_defaults(config: dict) -> dict:
         full = AutoConfig.for_model(config["model_type"], **kwargs).to_dict()
     except (ValueError, KeyError, TypeError):
         return dict(config)
-    full.update({k: v for k, v in config.items() if k not in full})
+    full.update(config)  # what the file says wins over what transformers would rewrite
     return full
 
 

@@ -122,7 +122,10 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(hidden, inner, bias=bias)
             self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
-        self.act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+        # transformers reads hidden_activation for Gemma 3 and hidden_act otherwise
+        first, second = ("hidden_activation", "hidden_act") if kind == "gemma3_text" else (
+            "hidden_act", "hidden_activation")
+        self.act = cfg.get(first) or cfg.get(second) or "silu"
         if self.act not in _ACTIVATIONS:
             raise NotImplementedError(f"the PyTorch reference has no activation {self.act!r}")
 
