@@ -78,7 +78,10 @@ def write_tokenizer(meta: dict, out: Path) -> None:
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ConversionError("the GGUF token list repeats tokens; it cannot be a BPE vocabulary")
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    except Exception as exc:  # tokenizers raises a bare Exception
+        raise ConversionError(f"the GGUF tokenizer is inconsistent: {exc}") from None
     tok.pre_tokenizer = _pre_tokenizer(_meta(meta, "tokenizer.ggml.pre"))
     tok.decoder = decoders.ByteLevel()
     added = [
