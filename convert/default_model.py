@@ -41,13 +41,9 @@ def cache_root() -> Path:
 
 def packaged_streams() -> Optional[Path]:
     """The folder of trained streams shipped in the package, if there is one."""
-    folder = Path(__file__).resolve().parent.parent / "data" / NAME
-    try:  # installed layout: the data sits next to specstream_mlx's modules
-        import specstream_mlx
+    import specstream_mlx  # the data sits in the package itself (convert/ is mapped elsewhere)
 
-        folder = Path(specstream_mlx.__file__).parent / "data" / NAME
-    except ImportError:
-        pass
+    folder = Path(specstream_mlx.__file__).resolve().parent / "data" / NAME
     complete = (folder / "specstream.json").is_file() and (folder / "specstream.safetensors").is_file()
     return folder if complete else None
 
