@@ -8,7 +8,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 from ..config import CheckpointError
 
@@ -23,19 +23,6 @@ def say(message: str, quiet: bool = False) -> None:
     """One progress line on stderr (stdout stays free for the caller's output)."""
     if not quiet:
         print(f"[convert] {message}", file=sys.stderr, flush=True)
-
-
-def progress(items: Iterable, total: Optional[int], desc: str, quiet: bool = False) -> Iterator:
-    """``items`` with a progress bar on an interactive stderr (tqdm), plain otherwise."""
-    if quiet:
-        yield from items
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm comes with huggingface-hub; stay usable without it
-        yield from items
-        return
-    yield from tqdm(items, total=total, desc=f"[convert] {desc}", disable=None, leave=False)
 
 
 @contextmanager

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import mlx.core as mx
-import numpy as np
 
 from ..config import WEIGHTS_FILE
 from .common import ConversionError
@@ -153,9 +152,3 @@ def read_weights(path: Path) -> Dict[str, mx.array]:
         weights.update(part)
     return weights
 
-
-def as_numpy(array: mx.array) -> np.ndarray:
-    """An MLX array as numpy (bfloat16 goes through float32)."""
-    if array.dtype == mx.bfloat16:
-        array = array.astype(mx.float32)
-    return np.array(array)

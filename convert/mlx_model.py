@@ -9,7 +9,7 @@ from typing import Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from .common import ConversionError
 
@@ -139,6 +139,3 @@ def save_base(model: nn.Module, config: dict, out: Path) -> None:
     save_model(out, model)
     (Path(out) / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
 
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(v.size for _, v in tree_flatten(model.parameters()))

@@ -19,7 +19,7 @@ Needs torch (``pip install "specstream-mlx[torch]"``).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 from .hf_weights import import_torch
 

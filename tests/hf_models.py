@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from helpers import VOCAB, write_tokenizer
@@ -69,7 +68,7 @@ def save_hf(model, path: Path, fmt: str = "safetensors") -> Path:
     return path
 
 
-def hf_logits(model, tokens) -> "np.ndarray":
+def hf_logits(model, tokens):
     """Logits of a token sequence from the transformers model. ``(L,) -> (L, V)``."""
     import torch
 

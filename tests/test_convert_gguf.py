@@ -7,7 +7,6 @@ Q8_0, F16 and F32 tensors). The SmolLM2 tests use the GGUF of the
 """
 
 import functools
-import importlib.util
 import json
 
 import mlx.core as mx
