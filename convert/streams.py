@@ -100,11 +100,12 @@ def read_streams(path) -> StreamWeights:
         tensors, config = _read_safetensors(file)
     else:
         tensors, config = _read_torch(file)
-    lora = sorted(k for k in tensors if "lora" in k.lower())
+    lora = sorted(k for k in tensors if "lora" in k.lower() or k.startswith("stream_adapters"))
     if lora:
         raise ConversionError(
-            f"{file} holds stream LoRA tensors ({lora[0]}, ...), which specstream-mlx cannot "
-            f"apply yet; merge base-weight LoRA into the base model before converting"
+            f"{file} holds stream LoRA / stream adapter tensors ({lora[0]}, ...), which the "
+            f"converter cannot carry over yet; merge base-weight LoRA into the base model "
+            f"before converting"
         )
     if "stream_embeddings" not in tensors:
         raise ConversionError(
