@@ -191,7 +191,7 @@ def bench_kernel(
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id."),
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id (default: the embedded SmolLM2)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: loopback only)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port, printed at start)."),
     api_key: Optional[str] = typer.Option(
@@ -207,13 +207,17 @@ def serve(
     from .server import serve as run_server
 
     def run():
-        if model is None:
-            raise UsageError("give --model (a checkpoint made with `specstream-mlx init` or convert)")
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be in 0..65535, got {port}")
         try:
+            if model is None:
+                from .convert.default_model import default_model_path
+
+                chosen = str(default_model_path())
+            else:
+                chosen = model
             run_server(ServerSettings(
-                model=model, host=host, port=port, api_key=api_key or None, max_queue=max_queue,
+                model=chosen, host=host, port=port, api_key=api_key or None, max_queue=max_queue,
                 max_tokens=max_tokens, speculative=not no_spec, watch_stdin=watch_stdin,
             ))
         except ServerStartError as exc:

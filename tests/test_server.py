@@ -406,4 +406,3 @@ def test_bad_command_line(tmp_path, checkpoint, server):
     assert "--port" in _serve_error("--model", str(checkpoint), "--port", str(server.port))
     assert "--max-queue" in _serve_error("--model", str(checkpoint), "--max-queue", "-1")
     assert "--port" in _serve_error("--model", str(checkpoint), "--port", "70000")
-    assert "--model" in _serve_error()
