@@ -97,12 +97,28 @@ def train_forward(model: SpecStreamModel, tokens: mx.array):
     return h[:, :length], h[:, length:].reshape(batch, length, gamma, -1), early_exit
 
 
-def _ce(model, hidden: mx.array, targets: mx.array, mask: mx.array):
-    """Summed cross-entropy and count over masked positions. ``hidden (B, T', H)``."""
-    logits = lm_head(model.base, hidden).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, targets) * mask
-    hits = (mx.argmax(logits, axis=-1) == targets) * mask
-    return losses.sum(), mask.sum(), hits.sum()
+def _ce(model, hidden: mx.array, targets: mx.array, mask: np.ndarray):
+    """Summed cross-entropy, count and hits over the masked positions.
+
+    Only the masked rows go through the LM head (the vocabulary projection is
+    the largest cost per row; prompt positions carry no loss).
+
+    Args:
+        hidden: ``(B, T', H)`` final-norm hidden states.
+        targets: ``(B, T')`` target token ids.
+        mask: ``(B, T')`` bool numpy array.
+    """
+    rows = np.flatnonzero(mask)
+    if rows.size == 0:
+        zero = mx.array(0.0)
+        return zero, zero, zero
+    index = mx.array(rows.astype(np.int32))
+    picked = hidden.reshape(-1, hidden.shape[-1])[index]  # (n, H)
+    wanted = targets.reshape(-1)[index]  # (n,)
+    logits = lm_head(model.base, picked).astype(mx.float32)
+    losses = nn.losses.cross_entropy(logits, wanted)
+    hits = mx.argmax(logits, axis=-1) == wanted
+    return losses.sum(), mx.array(float(rows.size)), hits.sum()
 
 
 def loss_fn(model: SpecStreamModel, tokens: mx.array, loss_mask: mx.array, weights: LossWeights):
@@ -111,7 +127,7 @@ def loss_fn(model: SpecStreamModel, tokens: mx.array, loss_mask: mx.array, weigh
     Args:
         model: the model.
         tokens: ``(B, T)`` token ids.
-        loss_mask: ``(B, T)`` bool, True on tokens that are targets.
+        loss_mask: ``(B, T)`` bool (numpy or mx), True on tokens that are targets.
         weights: loss weights.
 
     Returns:
@@ -120,7 +136,7 @@ def loss_fn(model: SpecStreamModel, tokens: mx.array, loss_mask: mx.array, weigh
         ``exit_loss``.
     """
     main, streams, early_exit = train_forward(model, tokens)
-    mask = loss_mask.astype(mx.float32)
+    mask = np.asarray(loss_mask, dtype=bool)
     length = tokens.shape[1]
     total = mx.array(0.0)
     metrics = {}

@@ -220,7 +220,7 @@ def train(
     tokens_seen, tic = 0, time.perf_counter()
     for step in range(start + 1, config.iters + 1):
         tokens, mask = next(data)
-        (loss, metrics), grads = step_fn(model, mx.array(tokens), mx.array(mask))
+        (loss, metrics), grads = step_fn(model, mx.array(tokens), mask)
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state, loss, metrics)
         tokens_seen += tokens.size
