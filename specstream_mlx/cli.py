@@ -84,15 +84,6 @@ def _read_prompt(prompt: str) -> str:
     return prompt
 
 
-def _format_prompt(tokenizer, prompt, system_prompt, ignore_chat_template):
-    if ignore_chat_template or getattr(tokenizer, "chat_template", None) is None:
-        return prompt
-    messages = [{"role": "user", "content": prompt}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 @app.command()
 def generate(
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id."),
@@ -125,7 +116,7 @@ def generate(
             raise UsageError(f"--max-nodes must be >= 1, got {max_nodes}")
         text = _read_prompt(prompt)
         widths = _parse_widths(tree_width)
-        from .generate import format_stats, stream_generate
+        from .generate import format_prompt, format_stats, stream_generate
         from .loading import load
 
         ss_model, tokenizer = load(model)
@@ -137,7 +128,7 @@ def generate(
         )
         if verbose:
             typer.echo(describe_runtime(ss_model), err=True)
-        full = _format_prompt(tokenizer, text, system_prompt, ignore_chat_template)
+        full = format_prompt(tokenizer, text, system_prompt, ignore_chat_template)
         last = None
         for last in stream_generate(
             ss_model, tokenizer, full, max_tokens, temp=temp, top_p=top_p, top_k=top_k,
@@ -222,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 # Commands defined in other modules register themselves on `app` when imported.
-from . import cli_train  # noqa: E402,F401
+from . import cli_bench, cli_train  # noqa: E402,F401
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .decode import ContextOverflowError, TreeSettings, decode
+from .decode import ContextOverflowError, Drafter, TreeSettings, decode
 from .model import SpecStreamModel
 from .verify import SamplingParams
 
@@ -74,6 +74,28 @@ def encode_prompt(tokenizer, prompt: Union[str, Sequence[int], mx.array]) -> Lis
     return tokens
 
 
+def format_prompt(tokenizer, prompt: Union[str, List[dict]], system_prompt: Optional[str] = None,
+                  ignore_chat_template: bool = False) -> str:
+    """The text to encode for a user prompt (or chat messages), with the chat template.
+
+    Args:
+        tokenizer: mlx-lm ``TokenizerWrapper``.
+        prompt: the user's text, or a list of ``{"role", "content"}`` messages.
+        system_prompt: optional system message put first.
+        ignore_chat_template: use the raw text (for messages: the last one's).
+
+    Returns:
+        The templated text (ending with the assistant turn's opening), or the
+        raw text when the tokenizer has no template or it is ignored.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if ignore_chat_template or getattr(tokenizer, "chat_template", None) is None:
+        return messages[-1]["content"] if messages else ""
+    if system_prompt and messages[0].get("role") != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def max_context(model: SpecStreamModel) -> Optional[int]:
     """The base model's context length from its config, when it states one."""
     return getattr(model.base.args, "max_position_embeddings", None)
@@ -93,6 +115,7 @@ def stream_generate(
     tree: Optional[TreeSettings] = None,
     speculative: bool = True,
     prefill_step_size: int = 512,
+    drafter: Optional[Drafter] = None,
 ) -> Iterator[GenerationResponse]:
     """Generate text token by token with Speculative Streaming.
 
@@ -107,6 +130,8 @@ def stream_generate(
         tree: draft tree settings; default: the checkpoint's.
         speculative: ``False`` decodes one token per forward (baseline).
         prefill_step_size: prompt chunk size.
+        drafter: where drafts come from (e.g. ``pld.PromptLookupDrafter``);
+            default: the streams with ``tree``.
 
     Yields:
         ``GenerationResponse`` per generated token; the last has ``finish_reason``.
@@ -129,13 +154,13 @@ def stream_generate(
     detokenizer.reset()
     steps = decode(
         model, tokens, max_tokens, sampling, tree, speculative,
-        prefill_step_size, max_context(model),
+        prefill_step_size, max_context(model), drafter,
     )
 
     tic = time.perf_counter()
     prompt_tps = 0.0
     generated, forwards, used_from_forwards = 0, 0, 0
-    depth_hits: List[int] = [0] * len(tree.widths)
+    depth_hits: List[int] = [0] * (len(tree.widths) if drafter is None else drafter.max_depth)
     for step in steps:
         if step.prefill:
             prompt_tps = len(tokens) / (time.perf_counter() - tic)
@@ -220,4 +245,5 @@ def format_stats(r: GenerationResponse) -> str:
     ])
 
 
-__all__ = ["GenerationResponse", "stream_generate", "generate", "ContextOverflowError"]
+__all__ = ["GenerationResponse", "stream_generate", "generate", "format_prompt",
+           "ContextOverflowError"]
