@@ -176,11 +176,14 @@ def tree_label(tree: TreeSettings) -> str:
     return label + (f" p={tree.prune_threshold:g}" if tree.prune_threshold is not None else "")
 
 
-def _load_models(settings: BenchSettings, methods: Sequence[str], log):
-    """SS model + tokenizer, and the mlx-lm base / draft models the methods need."""
-    from .loading import _load_base, load, resolve_path
+def _load_baselines(settings: BenchSettings, methods: Sequence[str], model, tokenizer, log):
+    """The mlx-lm base model (``ar``, ``draft``) and draft model (``draft``), as needed.
 
-    model, tokenizer = load(settings.model)
+    Both are loaded by mlx-lm from the checkpoint (a plain mlx-lm directory
+    too) and cast to the SS model's dtype, so every method computes alike.
+    """
+    from .loading import _load_base, resolve_path
+
     dtype = model.base.model.norm.weight.dtype
     path = resolve_path(settings.model)
     base = draft = None
@@ -189,11 +192,11 @@ def _load_models(settings: BenchSettings, methods: Sequence[str], log):
         mx.eval(base.parameters())
     if "draft" in methods:
         if settings.draft_model:
-            draft, draft_tok, _, _ = _load_base(resolve_path(settings.draft_model), None)
-            if draft.args.vocab_size != base.args.vocab_size:
-                raise BenchError(f"--draft-model {settings.draft_model} has a vocabulary of "
-                                 f"{draft.args.vocab_size}, the target {base.args.vocab_size}: "
-                                 "use a draft model with the target's tokenizer")
+            draft, draft_tokenizer, _, _ = _load_base(resolve_path(settings.draft_model), None)
+            if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+                raise BenchError(f"--draft-model {settings.draft_model} has another tokenizer "
+                                 f"({draft_tokenizer.vocab_size} tokens, the target's "
+                                 f"{tokenizer.vocab_size}): use one of the target's family")
         else:
             from mlx_lm.utils import quantize_model
 
@@ -202,7 +205,7 @@ def _load_models(settings: BenchSettings, methods: Sequence[str], log):
             with contextlib.redirect_stdout(io.StringIO()):
                 quantize_model(draft, config, 64, 4)
         mx.eval(draft.parameters())
-    return model, tokenizer, base, draft
+    return base, draft
 
 
 def ss_tree(settings: BenchSettings, config) -> TreeSettings:
@@ -283,9 +286,12 @@ def run_bench(settings: BenchSettings, device_report: bool = False,
     if not methods and not settings.sweep_widths:
         raise BenchError("no methods to run: give --methods or --sweep")
     log(f"[bench] loading {settings.model}")
-    model, tokenizer, base, draft = _load_models(settings, methods, log)
+    from .loading import load
+
+    model, tokenizer = load(settings.model)
     prompts = load_prompts(settings.data, tokenizer, settings.num_prompts, settings.max_tokens,
                            max_context(model), settings.system_prompt, settings.ignore_chat_template)
+    base, draft = _load_baselines(settings, methods, model, tokenizer, log)
     runners = make_runners(settings, methods, model, tokenizer, base, draft)
     from .bench_env import device_report as measure_device, environment, weight_bytes
 
