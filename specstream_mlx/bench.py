@@ -353,21 +353,25 @@ def _settings_dict(settings: BenchSettings, model) -> dict:
 
 
 def sweep_settings(widths: Sequence[tuple], max_nodes: Sequence[Optional[int]], gamma: int) -> List[TreeSettings]:
-    """Tree settings of a sweep: every widths x max nodes, minus duplicates.
+    """Tree settings of a sweep: every widths x node cap, one per distinct tree.
 
-    Widths deeper than ``gamma`` are cut; a node cap at or above the full
-    tree's size is the uncapped tree.
+    Widths deeper than ``gamma`` are cut. A cap at or above the full tree's
+    size is the uncapped tree, and settings that build the same tree (a cap of
+    4 on ``3,2,1`` is the chain ``1,1,1``) count once, under the uncapped name
+    when there is one. Ordered by tree size.
     """
+    shapes = list(dict.fromkeys(tuple(w)[:gamma] for w in widths))
+    candidates = [(w, None) for w in shapes]
+    candidates += [(w, cap) for w in shapes for cap in max_nodes
+                   if cap is not None and cap < build_tree(w).size]
     out, seen = [], set()
-    for w in widths:
-        w = tuple(w)[:gamma]
-        full = build_tree(w).size
-        for cap in max_nodes:
-            cap = None if cap is None or cap >= full else cap
-            if (w, cap) not in seen:
-                seen.add((w, cap))
-                out.append(TreeSettings(w, cap, None))
-    return out
+    for w, cap in candidates:
+        tree = build_tree(w, cap)
+        key = (tuple(tree.parents), tuple(tree.rank))
+        if key not in seen:
+            seen.add(key)
+            out.append((tree.size, len(out), TreeSettings(w, cap, None)))
+    return [setting for _, _, setting in sorted(out, key=lambda t: t[:2])]
 
 
 __all__ = ["BenchSettings", "BenchError", "METHODS", "run_bench", "load_prompts",

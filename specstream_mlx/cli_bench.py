@@ -10,7 +10,7 @@ import typer
 
 from .cli import UsageError, _parse_widths, _run, app
 
-_SWEEP_WIDTHS = "1,1,1;2,1,1;2,2,1;3,2,1;3,3,1"
+_SWEEP_WIDTHS = "1;1,1;1,1,1;2,1;2,1,1;2,2,1;3,2,1;3,3,1"
 _SWEEP_NODES = "4,8,16"
 
 

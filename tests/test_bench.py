@@ -111,21 +111,23 @@ def test_seed_reproduces_sampled_tokens(checkpoint, data, tmp_path):
 
 def test_sweep_reports_every_setting(checkpoint, data, tmp_path):
     result = _bench(["--model", checkpoint, "--data", data, "--max-tokens", 8, "--num-prompts", 1,
-                     "--sweep", "--sweep-widths", "1,1;2,2", "--sweep-max-nodes", "3,0",
+                     "--sweep", "--sweep-widths", "1,1;2,2", "--sweep-max-nodes", "3,4,0",
                      "--warmup-tokens", 2, "--out", tmp_path])
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "results.json").read_text())
-    # (1,1) has 3 rows: the cap of 3 is the full chain, so it appears once
+    # caps 3 and 4 are the whole of (1,1); a cap of 3 on (2,2) is the chain (1,1)
     assert [(s["widths"], s["max_nodes"], s["nodes"]) for s in results["sweep"]] == [
-        ([1, 1], None, 3), ([2, 2], 3, 3), ([2, 2], None, 7)]
+        ([1, 1], None, 3), ([2, 2], 4, 4), ([2, 2], None, 7)]
     assert list(results["methods"]) == ["ar"] + [s["name"] for s in results["sweep"]]
     assert "## Tree sweep (ss)" in result.output and "best on this machine: `--tree-width" in result.output
 
 
 def test_sweep_settings_cut_to_gamma_and_dedupe():
+    # (3,2,1) capped at 4 is the chain (1,1,1); a cap of 100 is no cap
     got = sweep_settings([(3, 2, 1, 1), (1, 1, 1)], [4, 100, None], gamma=3)
-    assert [(s.widths, s.max_nodes) for s in got] == [
-        ((3, 2, 1), 4), ((3, 2, 1), None), ((1, 1, 1), None)]
+    assert [(s.widths, s.max_nodes) for s in got] == [((1, 1, 1), None), ((3, 2, 1), None)]
+    got = sweep_settings([(3, 2, 1)], [8], gamma=2)  # cut to (3, 2): 10 rows, so 8 caps
+    assert [(s.widths, s.max_nodes) for s in got] == [((3, 2), 8), ((3, 2), None)]
 
 
 def test_steps_from_draft_flags():
