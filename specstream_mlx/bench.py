@@ -303,14 +303,17 @@ def run_bench(settings: BenchSettings, device_report: bool = False,
         log(f"[bench] warm-up {name} ({warm} tokens)")
         runners[name](prompts[0].tokens, warm, settings.seed)
     runs: Dict[str, List[Run]] = {name: [] for name in names}
+    start = time.perf_counter()
     for index, prompt in enumerate(prompts):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
             runs[name].append(_measured(runners[name], prompt.tokens, settings.max_tokens,
                                         settings.seed + index, own[name]))
+        elapsed = time.perf_counter() - start
+        left = elapsed / (index + 1) * (len(prompts) - index - 1)
         log(f"[bench] prompt {index + 1}/{len(prompts)} (line {prompt.line}, "
             f"{len(prompt.tokens)} tokens): " + ", ".join(
-                f"{n} {_fmt(runs[n][-1].tps)}" for n in names) + " tok/s")
+                f"{n} {_fmt(runs[n][-1].tps)}" for n in names) + f" tok/s; ~{left:.0f} s left")
     lossless = model.config.mode == "lossless"
     dtype = str(model.base.model.norm.weight.dtype).replace("mlx.core.", "")
     results = {

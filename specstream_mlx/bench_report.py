@@ -180,7 +180,7 @@ def write_plot(results: dict, path: Path) -> Optional[str]:
     left.set_ylabel("tokens/s (median, p25-p75)")
     left.set_title("decoding speed")
     bound = (results.get("device") or {}).get("upper_bound_tps")
-    if bound and bound <= 2.5 * max(med + [1e-9]):
+    if bound and bound <= 4 * max(med + [1e-9]):
         left.axhline(bound, ls="--", color="gray", label=f"bandwidth bound {bound:.0f}")
         left.legend(loc="upper right", fontsize=8)
     elif bound:
