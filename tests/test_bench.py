@@ -99,12 +99,12 @@ def test_seed_reproduces_sampled_tokens(checkpoint, data, tmp_path):
     for run, seed in (("a", 7), ("b", 7), ("c", 8)):
         out = tmp_path / run
         result = _bench(["--model", checkpoint, "--data", data, "--max-tokens", 12,
-                         "--methods", "ar,ss", "--temp", 1.0, "--seed", seed, "--num-prompts", 2,
+                         "--methods", "ar,ss,pld", "--temp", 1.0, "--seed", seed, "--num-prompts", 2,
                          "--warmup-tokens", 2, "--out", out])
         assert result.exit_code == 0, result.output
         results = json.loads((out / "results.json").read_text())
         assert results["methods"]["ss"]["equal_to_ar"] is None  # sampling: not comparable
-        tokens.append([p["runs"][m]["tokens"] for p in results["prompts"] for m in ("ar", "ss")])
+        tokens.append([p["runs"][m]["tokens"] for p in results["prompts"] for m in ("ar", "ss", "pld")])
     assert tokens[0] == tokens[1]
     assert tokens[0] != tokens[2]  # another seed samples other tokens
 
@@ -222,3 +222,32 @@ def test_bad_options_are_usage_errors(checkpoint, data, tmp_path, args, message)
 def test_missing_data_file(checkpoint, tmp_path):
     result = _bench(["--model", checkpoint, "--data", tmp_path / "nope.jsonl", "--out", tmp_path])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_draft_model_option_counts_target_forwards(checkpoint, data, tmp_path):
+    # The target's own base as the draft: greedy accepts every draft, so each
+    # target forward emits num_draft_tokens + 1 = 4 tokens (20 = 5 steps of 4).
+    result = _bench(["--model", checkpoint, "--data", data, "--methods", "ar,draft",
+                     "--draft-model", checkpoint.parent / "base", "--max-tokens", 20,
+                     "--num-prompts", 1, "--warmup-tokens", 2, "--out", tmp_path])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    draft = results["methods"]["draft"]
+    assert results["prompts"][0]["runs"]["draft"]["forwards"] == 5
+    assert draft["tokens_per_forward"] == pytest.approx(4.0)
+    assert draft["acceptance_by_depth"] == pytest.approx([1.0, 1.0, 1.0])
+    assert draft["equal_to_ar"] and not draft["must_equal_ar"]
+
+
+def test_outputs_without_matplotlib(full_run, tmp_path, monkeypatch):
+    import sys
+
+    from specstream_mlx.bench_report import write_outputs
+
+    results = json.loads((full_run[0] / "results.json").read_text())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    files = write_outputs(results, tmp_path / "plain")
+    assert "pip install 'specstream-mlx[bench]'" in files["plot_skipped"]
+    assert not (tmp_path / "plain" / "results.png").exists()
+    assert json.loads(files["json"].read_text())["methods"] == results["methods"]
+    assert "| ss |" in files["table"].read_text()
