@@ -4,12 +4,18 @@
 Per step the host waits once (for the argmax / acceptance inputs of the tree);
 the next tree's tokens are gathered on the device and never visit the host
 before the next forward is queued.
+
+Where drafts come from is pluggable: a *drafter* proposes the next forward's
+tree (topology, rows, tokens) and may read the forward's output once the step
+is accepted. ``StreamDrafter`` (the speculative streams, the default) and
+``PlainDrafter`` (no drafts) live here; ``pld.PromptLookupDrafter`` drafts from
+n-grams of the prompt and output.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, Optional, Protocol, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -60,6 +66,48 @@ class Step:
     prefill: bool = False
 
 
+@dataclass(frozen=True)
+class Draft:
+    """What a drafter proposes for the next forward.
+
+    Attributes:
+        tree: the topology (node 0 is the root, the token just emitted).
+        rows: the forward's rows for that topology (``tree_rows``, or
+            ``chain_rows`` for a chain).
+        tokens: ``(tree.size - 1,)`` drafted tokens of nodes ``1..``, an
+            ``mx.array`` (it may stay on the device).
+        prune: early-exit pruning of the tree, or ``None``.
+    """
+
+    tree: Tree
+    rows: Rows
+    tokens: mx.array
+    prune: Optional[PruneSettings] = None
+
+
+class Drafter(Protocol):
+    """Source of draft trees for ``decode``.
+
+    Attributes:
+        uses_streams: the prefill's last row must produce stream rows.
+        max_depth: deepest draft it can propose (for acceptance statistics).
+    """
+
+    uses_streams: bool
+    max_depth: int
+
+    def propose(self, history: List[int], budget: int) -> Draft:
+        """The draft for the next forward.
+
+        Args:
+            history: prompt plus every emitted token; the last is the root.
+            budget: tokens still wanted after the root (drafts beyond it are wasted).
+        """
+
+    def observe(self, out: ForwardOutput, node: int) -> None:
+        """See the forward that produced ``node``'s row (index into ``out``'s main rows)."""
+
+
 def tree_rows(tree: Tree) -> Rows:
     """Rows of a tree forward: every node drafts through its streams."""
     return Rows(
@@ -85,6 +133,49 @@ def _draft_table(model: SpecStreamModel, streams: mx.array, depth: int, top_k: i
     top = mx.argpartition(-scores, kth=top_k - 1, axis=-1)[:, :top_k]
     order = mx.argsort(-mx.take_along_axis(scores, top, axis=-1), axis=-1)
     return mx.take_along_axis(top, order, axis=-1).reshape(-1)
+
+
+class StreamDrafter:
+    """Drafts from the speculative streams: a fixed tree, top-k tokens per stream."""
+
+    uses_streams = True
+
+    def __init__(self, model: SpecStreamModel, tree: TreeSettings) -> None:
+        self.model = model
+        self.depth = self.max_depth = min(len(tree.widths), model.config.gamma)
+        self.shape = build_tree(tuple(tree.widths[: self.depth]), tree.max_nodes)
+        self.top_k = int(self.shape.rank.max()) + 1 if self.shape.size > 1 else 1
+        self.index = mx.array(draft_token_index(self.shape, self.top_k))
+        self.rows = tree_rows(self.shape)
+        self.prune = None
+        if tree.prune_threshold is not None:
+            self.prune = PruneSettings(tree.prune_threshold, tree.prune_max_keep)
+        self.table = None
+
+    def propose(self, history: List[int], budget: int) -> Draft:
+        return Draft(self.shape, self.rows, self.table[self.index], self.prune)
+
+    def observe(self, out: ForwardOutput, node: int) -> None:
+        streams = out.stream_hidden[int(out.stream_slot[node])]
+        self.table = _draft_table(self.model, streams, self.depth, self.top_k)
+
+
+class PlainDrafter:
+    """No drafts: one token per forward through the same code (the baseline)."""
+
+    uses_streams = False
+    max_depth = 0
+
+    def __init__(self, model: SpecStreamModel) -> None:
+        shared = model.config.mode == "shared"  # main rows see their own streams
+        self.draft = Draft(build_tree(()), chain_rows(1, [0] if shared else None),
+                           mx.zeros((0,), mx.int32))
+
+    def propose(self, history: List[int], budget: int) -> Draft:
+        return self.draft
+
+    def observe(self, out: ForwardOutput, node: int) -> None:
+        pass
 
 
 def _prefill(model, prompt, cache, step_size, shared, speculative) -> ForwardOutput:
@@ -117,6 +208,7 @@ def decode(
     speculative: bool = True,
     prefill_step_size: int = 512,
     max_context: Optional[int] = None,
+    drafter: Optional[Drafter] = None,
 ) -> Iterator[Step]:
     """Generate tokens with Speculative Streaming (or plain decoding).
 
@@ -126,11 +218,13 @@ def decode(
         max_tokens: stop once this many tokens have been emitted (the last
             step may emit more; callers truncate).
         sampling: greedy or sampling settings.
-        tree: draft tree settings.
+        tree: draft tree settings (for the default stream drafter).
         speculative: ``False`` decodes one token per forward through the same
             code (the ``--no-spec`` baseline).
         prefill_step_size: prompt chunk size.
         max_context: the model's context length, if known.
+        drafter: where drafts come from; default: the streams with ``tree``
+            (``PlainDrafter`` when ``speculative`` is ``False``).
 
     Yields:
         One ``Step`` per forward, the prefill first.
@@ -142,36 +236,28 @@ def decode(
             f"prompt ({len(prompt)} tokens) + max tokens ({max_tokens}) exceeds the "
             f"model's context of {max_context} tokens: shorten the prompt or lower --max-tokens"
         )
-    config = model.config
-    shared = config.mode == "shared"
-    depth = min(len(tree.widths), config.gamma)
-    shape = build_tree(tuple(tree.widths[:depth]), tree.max_nodes)
-    top_k = int(shape.rank.max()) + 1 if shape.size > 1 else 1
-    draft_index = mx.array(draft_token_index(shape, top_k))
-    rows = tree_rows(shape) if speculative else chain_rows(1, [0] if shared else None)
-    prune = None
-    if speculative and tree.prune_threshold is not None:
-        prune = PruneSettings(tree.prune_threshold, tree.prune_max_keep)
+    if drafter is None:
+        drafter = StreamDrafter(model, tree) if speculative else PlainDrafter(model)
+    shared = model.config.mode == "shared"
 
     cache = make_cache(model.num_layers)
-    out = _prefill(model, list(prompt), cache, prefill_step_size, shared, speculative)
+    history = list(prompt)
+    out = _prefill(model, history, cache, prefill_step_size, shared, drafter.uses_streams)
     root = _choose(logits(model, out.main_hidden[-1]), sampling)
-    if speculative:
-        table = _draft_table(model, out.stream_hidden[-1], depth, top_k)
+    drafter.observe(out, out.main_hidden.shape[0] - 1)
     mx.eval(root)
+    history.append(root.item())
     emitted = 1
-    yield Step(tokens=[root.item()], accepted=0, tree_size=0, prefill=True)
+    yield Step(tokens=[history[-1]], accepted=0, tree_size=0, prefill=True)
 
     while emitted < max_tokens:
-        if speculative:
-            tokens = mx.concatenate([root.reshape(1), table[draft_index]])
-        else:
-            tokens = root.reshape(1)
-        out = forward(model, tokens, rows, cache, tree=shape, prune=prune)
+        draft = drafter.propose(history, max_tokens - emitted)
+        tokens = root.reshape(1)
+        if draft.tree.size > 1:
+            tokens = mx.concatenate([tokens, draft.tokens.astype(tokens.dtype)])
+        out = forward(model, tokens, draft.rows, cache, tree=draft.tree, prune=draft.prune)
         kept = out.kept
-        topo = shape if kept is None else subtree(shape, kept)
-        if not speculative:
-            topo = build_tree(())
+        topo = draft.tree if kept is None else subtree(draft.tree, kept)
         step_logits = logits(model, out.main_hidden)  # (K, V)
         if kept is not None:
             tokens = tokens[mx.array(kept)]
@@ -192,11 +278,10 @@ def decode(
             root = _choose(step_logits[path[-1]], sampling, excluded)
         original = path if kept is None else kept[np.array(path)]
         commit(cache, original, kept, model.first_stream_layer)
-        if speculative:
-            slot = int(out.stream_slot[path[-1]])
-            table = _draft_table(model, out.stream_hidden[slot], depth, top_k)
+        drafter.observe(out, path[-1])
         mx.eval(root)
         accepted_tokens = [int(t) for t in np.array(tokens)[path[1:]]] if len(path) > 1 else []
         step_tokens = accepted_tokens + [root.item()]
+        history.extend(step_tokens)
         emitted += len(step_tokens)
         yield Step(tokens=step_tokens, accepted=len(path) - 1, tree_size=topo.size)

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from .decode import TreeSettings
 from .generate import stream_generate
+from .prompts import format_messages
 
 
 def _words(text: str) -> List[str]:
@@ -60,12 +61,7 @@ def _pairs(path: str, tokenizer, limit: Optional[int]):
                 messages, reference = [{"role": "user", "content": record["prompt"]}], record["completion"]
             else:
                 raise ValueError(f"{path}:{number}: expected prompt/completion or messages")
-            if getattr(tokenizer, "chat_template", None):
-                prompt = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                       add_generation_prompt=True)
-            else:
-                prompt = messages[-1]["content"]
-            out.append((prompt, reference))
+            out.append((format_messages(tokenizer, messages), reference))
             if limit and len(out) >= limit:
                 break
     if not out:

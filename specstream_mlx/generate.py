@@ -8,7 +8,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .decode import ContextOverflowError, TreeSettings, decode
+from .decode import ContextOverflowError, Drafter, TreeSettings, decode
 from .model import SpecStreamModel
 from .verify import SamplingParams
 
@@ -93,6 +93,7 @@ def stream_generate(
     tree: Optional[TreeSettings] = None,
     speculative: bool = True,
     prefill_step_size: int = 512,
+    drafter: Optional[Drafter] = None,
 ) -> Iterator[GenerationResponse]:
     """Generate text token by token with Speculative Streaming.
 
@@ -107,6 +108,8 @@ def stream_generate(
         tree: draft tree settings; default: the checkpoint's.
         speculative: ``False`` decodes one token per forward (baseline).
         prefill_step_size: prompt chunk size.
+        drafter: where drafts come from (e.g. ``pld.PromptLookupDrafter``);
+            default: the streams with ``tree``.
 
     Yields:
         ``GenerationResponse`` per generated token; the last has ``finish_reason``.
@@ -129,13 +132,13 @@ def stream_generate(
     detokenizer.reset()
     steps = decode(
         model, tokens, max_tokens, sampling, tree, speculative,
-        prefill_step_size, max_context(model),
+        prefill_step_size, max_context(model), drafter,
     )
 
     tic = time.perf_counter()
     prompt_tps = 0.0
     generated, forwards, used_from_forwards = 0, 0, 0
-    depth_hits: List[int] = [0] * len(tree.widths)
+    depth_hits: List[int] = [0] * (len(tree.widths) if drafter is None else drafter.max_depth)
     for step in steps:
         if step.prefill:
             prompt_tps = len(tokens) / (time.perf_counter() - tic)

@@ -6,7 +6,7 @@ prompt for the same messages.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -37,7 +37,7 @@ def format_messages(tokenizer, messages: List[Dict[str, str]]) -> str:
 
 def format_prompt(
     tokenizer,
-    prompt: str,
+    prompt: Union[str, List[Dict[str, str]]],
     system_prompt: Optional[str] = None,
     ignore_chat_template: bool = False,
 ) -> str:
@@ -45,17 +45,18 @@ def format_prompt(
 
     Args:
         tokenizer: the tokenizer from ``load``.
-        prompt: the user's text.
-        system_prompt: an optional system message put first.
-        ignore_chat_template: return ``prompt`` unchanged.
+        prompt: the user's text, or a list of ``{"role", "content"}`` messages.
+        system_prompt: an optional system message put first (unless the
+            messages already start with one).
+        ignore_chat_template: return the raw text (for messages: the last one's).
 
     Returns:
-        The templated prompt, or ``prompt`` itself when the tokenizer has no
-        chat template or ``ignore_chat_template`` is set.
+        The templated prompt, or the raw text when the tokenizer has no chat
+        template or ``ignore_chat_template`` is set.
     """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if ignore_chat_template or not has_chat_template(tokenizer):
-        return prompt
-    messages = [{"role": "user", "content": prompt}]
-    if system_prompt:
+        return messages[-1]["content"] if messages else ""
+    if system_prompt and messages[0].get("role") != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return format_messages(tokenizer, messages)

@@ -1,0 +1,108 @@
+"""``specstream-mlx bench``: option parsing only (the work is in ``bench``)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli import UsageError, _parse_widths, _run, app
+
+_SWEEP_WIDTHS = "1;1,1;1,1,1;2,1;2,1,1;2,2,1;3,2,1;3,3,1"
+_SWEEP_NODES = "4,8,16"
+
+
+def _parse_sweep(widths: str, nodes: str):
+    shapes = [_parse_widths(part) for part in widths.split(";") if part.strip()]
+    try:
+        caps = [int(n) for n in nodes.replace(" ", "").split(",") if n]
+    except ValueError:
+        raise UsageError(f"--sweep-max-nodes takes integers like 4,8,16 (0: no cap), got {nodes!r}")
+    if not shapes or not caps or any(c < 0 for c in caps):
+        raise UsageError("--sweep needs widths like '1,1,1;3,2,1' and node caps like 4,8,16")
+    return shapes, [c or None for c in caps]
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """The command with every option spelled out (defaults included), to re-run it."""
+    parts = ["specstream-mlx", ctx.info_name or "bench"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value is False:
+            continue
+        option = max(param.opts, key=len)
+        parts += [option] if value is True else [option, str(value)]
+    return shlex.join(parts)
+
+
+@app.command()
+def bench(
+    ctx: typer.Context,
+    model: str = typer.Option(..., "--model", help="Checkpoint directory or HF repo id."),
+    data: str = typer.Option(..., "--data", help="JSONL: prompt, messages or text per line."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Only the first N prompts."),
+    max_tokens: int = typer.Option(256, "-m", "--max-tokens", help="Tokens per prompt and method."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(0.0, "--top-p", help="Nucleus sampling (0 or 1: off)."),
+    seed: int = typer.Option(0, "--seed", help="Seed; prompt i uses seed + i for every method."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated from ar,ss,ss-chain,pld,draft (default: all; with --sweep: ar)."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model for `draft` (default: 4-bit copy of the target)."),
+    num_draft_tokens: int = typer.Option(3, "--num-draft-tokens", help="Drafts per step for `draft`."),
+    tree_width: Optional[str] = typer.Option(None, "--tree-width", help="ss tree: children per depth, e.g. 3,2,1."),
+    max_nodes: Optional[int] = typer.Option(None, "--max-nodes", help="ss tree: cap on rows (root included)."),
+    prune_threshold: Optional[float] = typer.Option(None, "--prune-threshold", help="ss tree: early-exit pruning."),
+    pld_ngram: int = typer.Option(3, "--pld-ngram", help="pld: longest n-gram to look up."),
+    pld_tokens: int = typer.Option(4, "--pld-tokens", help="pld: draft tokens per step."),
+    sweep: bool = typer.Option(False, "--sweep", help="Also run ss over a grid of tree settings."),
+    sweep_widths: str = typer.Option(_SWEEP_WIDTHS, "--sweep-widths", help="Sweep tree widths, ';'-separated."),
+    sweep_max_nodes: str = typer.Option(_SWEEP_NODES, "--sweep-max-nodes", help="Sweep node caps (0: none)."),
+    warmup_tokens: int = typer.Option(16, "--warmup-tokens", help="Tokens of the warm-up run per method."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System message for every prompt."),
+    ignore_chat_template: bool = typer.Option(False, "--ignore-chat-template", help="Use the raw prompts."),
+    device_report: bool = typer.Option(False, "--device-report", help="Backend, dtype, BLAS, bandwidth and the speed bound."),
+    out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for results.json, results.md, results.png."),
+):
+    """Speed of SS against mlx-lm and other speculative methods: table, JSON and plot."""
+
+    def run():
+        from .bench import BenchSettings, parse_methods, run_bench
+        from .bench_report import format_table, write_outputs
+
+        if max_tokens < 1:
+            raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+        if temp < 0:
+            raise UsageError(f"--temp must be >= 0, got {temp}")
+        if num_prompts is not None and num_prompts < 1:
+            raise UsageError(f"--num-prompts must be at least 1, got {num_prompts}")
+        if max_nodes is not None and max_nodes < 1:
+            raise UsageError(f"--max-nodes must be >= 1, got {max_nodes}")
+        if pld_ngram < 1 or pld_tokens < 1 or num_draft_tokens < 1:
+            raise UsageError("--pld-ngram, --pld-tokens and --num-draft-tokens must be >= 1")
+        try:
+            chosen = parse_methods(methods)
+        except ValueError as exc:
+            raise UsageError(str(exc))
+        if chosen is None:
+            chosen = ["ar"] if sweep else None
+        grid_widths, grid_nodes = _parse_sweep(sweep_widths, sweep_max_nodes) if sweep else ((), ())
+        settings = BenchSettings(
+            model=model, data=data, num_prompts=num_prompts, max_tokens=max_tokens, temp=temp,
+            top_p=top_p, seed=seed, tree_widths=_parse_widths(tree_width), max_nodes=max_nodes,
+            prune_threshold=prune_threshold, sweep_widths=grid_widths, sweep_max_nodes=grid_nodes,
+            draft_model=draft_model,
+            num_draft_tokens=num_draft_tokens, pld_max_ngram=pld_ngram, pld_tokens=pld_tokens,
+            warmup_tokens=warmup_tokens, system_prompt=system_prompt,
+            ignore_chat_template=ignore_chat_template,
+            **({} if chosen is None else {"methods": chosen}),
+        )
+        results = run_bench(settings, device_report)
+        results = {"command": _command_line(ctx), **results}
+        files = write_outputs(results, out)
+        typer.echo(format_table(results))
+        typer.echo(f"wrote {', '.join(str(v) for k, v in files.items() if k != 'plot_skipped')}")
+        if "plot_skipped" in files:
+            typer.echo(f"note: {files['plot_skipped']}", err=True)
+
+    _run(run)

@@ -1,0 +1,93 @@
+"""Prompt-lookup decoding (PLD): drafts copied from earlier text, verified by the model.
+
+The draft for the next step is what followed the most recent earlier
+occurrence of the last ``n`` emitted tokens (``n`` from ``max_ngram`` down to
+``min_ngram``) in the prompt plus the output so far (Saxena, 2023, "Prompt
+Lookup Decoding"; also ``prompt_lookup_num_tokens`` in Hugging Face
+transformers). It costs no model work, so it wins when the output copies from
+the prompt (summaries, edits, code, quoting) and drafts nothing otherwise.
+
+Verification goes through the same decode loop as Speculative Streaming
+(``decode.decode(..., drafter=PromptLookupDrafter(...))``): the draft is a
+chain, its forward runs no stream rows (lossless mode), and greedy output
+equals the model's own.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .decode import Draft
+from .masks import chain_rows
+from .tree import chain_tree
+
+
+def find_draft(history: Sequence[int], max_ngram: int = 3, min_ngram: int = 1,
+               num_tokens: int = 4) -> List[int]:
+    """Tokens that followed the last earlier occurrence of the history's tail.
+
+    Longer n-grams are tried first; for one ``n`` the most recent earlier match
+    wins (it is the likeliest to continue the same way). The tail itself (the
+    last ``n`` tokens) is not a match.
+
+    Args:
+        history: token ids, oldest first (prompt, then output).
+        max_ngram, min_ngram: n-gram sizes to try, longest first (``>= 1``).
+        num_tokens: at most this many draft tokens.
+
+    Returns:
+        Up to ``num_tokens`` draft tokens; empty when nothing matches.
+
+    Raises:
+        ValueError: on sizes below 1 or ``min_ngram > max_ngram``.
+    """
+    if min_ngram < 1 or max_ngram < min_ngram or num_tokens < 0:
+        raise ValueError(
+            f"PLD needs 1 <= min n-gram <= max n-gram and num tokens >= 0, got "
+            f"{min_ngram}, {max_ngram}, {num_tokens}"
+        )
+    length = len(history)
+    if num_tokens == 0 or length < 2:
+        return []
+    seq = np.asarray(history, dtype=np.int64)
+    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
+        tail = seq[length - n:]
+        # Candidate starts 0 .. length-n-1: windows that end before the tail starts
+        # can overlap it, but never are it.
+        windows = np.lib.stride_tricks.sliding_window_view(seq[: length - 1], n)
+        hits = np.nonzero((windows == tail).all(axis=1))[0]
+        if hits.size:
+            start = int(hits[-1]) + n
+            return [int(t) for t in seq[start : start + num_tokens]]
+    return []
+
+
+class PromptLookupDrafter:
+    """A ``decode.Drafter`` that proposes a chain from ``find_draft``.
+
+    Args:
+        model: the model (its mode decides whether rows need stream rows:
+            in shared mode main rows see their own streams, so they run).
+        max_ngram, min_ngram, num_tokens: as in ``find_draft``.
+    """
+
+    uses_streams = False
+
+    def __init__(self, model, max_ngram: int = 3, min_ngram: int = 1, num_tokens: int = 4):
+        find_draft([], max_ngram, min_ngram, num_tokens)  # validates the sizes
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.max_depth = num_tokens
+        self.shared = model.config.mode == "shared"
+
+    def propose(self, history: List[int], budget: int) -> Draft:
+        drafts = find_draft(history, self.max_ngram, self.min_ngram,
+                            min(self.max_depth, max(budget - 1, 0)))
+        size = len(drafts) + 1
+        rows = chain_rows(size, np.arange(size) if self.shared else None)
+        return Draft(chain_tree(len(drafts)), rows, mx.array(np.array(drafts, dtype=np.int32)))
+
+    def observe(self, out, node: int) -> None:
+        pass

@@ -1,0 +1,253 @@
+"""`specstream-mlx bench`: end to end on a tiny checkpoint, its figures, its errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers import write_base, write_tokenizer
+from specstream_mlx.bench import BenchError, Run, _steps_from_flags, parse_methods, sweep_settings
+from specstream_mlx.bench_prompts import load_prompts
+from specstream_mlx.bench_report import summarize
+from specstream_mlx.cli import app
+from specstream_mlx.loading import init_checkpoint
+
+PROMPTS = [
+    {"prompt": "the cat sat on the mat. the cat sat on the"},
+    {"messages": [{"role": "user", "content": "abc abc abc abc"},
+                  {"role": "assistant", "content": "a reference answer"}]},
+    {"text": "one two one two one two"},
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    base = write_base(root / "base", "llama", seed=3)
+    return init_checkpoint(str(base), str(root / "ss"), gamma=3, stream_layers=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in PROMPTS) + "\n\n")
+    return path
+
+
+def _bench(args):
+    return CliRunner().invoke(app, ["bench", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def full_run(checkpoint, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    result = _bench(["--model", checkpoint, "--data", data, "--max-tokens", 20,
+                     "--warmup-tokens", 4, "--out", out, "--device-report"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_bench_writes_results_table_and_plot(full_run, checkpoint):
+    out, output = full_run
+    results = json.loads((out / "results.json").read_text())
+    methods = results["methods"]
+    assert list(methods) == ["ar", "ss", "ss-chain", "pld", "draft"]
+    assert results["command"].startswith(f"specstream-mlx bench --model {checkpoint}")
+    assert "--max-tokens 20" in results["command"] and "--seed 0" in results["command"]
+    assert results["environment"]["mlx"] and results["environment"]["backend"] == "cpu"
+    assert results["settings"]["tree"] == {"widths": [3, 2, 1], "max_nodes": 16,
+                                           "prune_threshold": None}
+    for name, entry in methods.items():
+        assert entry["prompts"] == 3
+        assert entry["tps"]["median"] > 0 and entry["peak_memory_gb"] > 0
+        assert entry["ttft_s"]["median"] > 0
+    assert methods["ar"]["tokens_per_forward"] == 1.0
+    assert methods["ar"]["speedup"]["median"] == pytest.approx(1.0)
+    assert len(methods["ss"]["acceptance_by_depth"]) == 3
+    assert len(methods["pld"]["acceptance_by_depth"]) == 4
+    assert len(methods["draft"]["acceptance_by_depth"]) == 3
+    # the draft model is a 4-bit copy: smaller than the target's float32 weights
+    assert methods["draft"]["peak_memory_gb"] < 2 * methods["ar"]["peak_memory_gb"]
+    device = results["device"]
+    assert device["bandwidth_gbps"] > 0
+    assert device["upper_bound_tps"] == pytest.approx(device["bandwidth_gbps"] * 1e9
+                                                      / device["weight_bytes"])
+    table = (out / "results.md").read_text()
+    assert table in output or table.strip() in output
+    for name in methods:
+        assert f"| {name} |" in table
+    assert "## Device" in table and "upper bound" in table
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lossless_methods_reproduce_ar_tokens(full_run):
+    out, _ = full_run
+    results = json.loads((out / "results.json").read_text())
+    for prompt in results["prompts"]:
+        runs = prompt["runs"]
+        assert len(runs["ar"]["tokens"]) > 0
+        for name in ("ss", "ss-chain", "pld"):
+            assert runs[name]["tokens"] == runs["ar"]["tokens"], name
+    for name in ("ss", "ss-chain", "pld"):
+        entry = results["methods"][name]
+        assert entry["must_equal_ar"] and entry["equal_to_ar"] and entry["equal_prompts"] == 3
+    assert "NO (must be equal)" not in (out / "results.md").read_text()
+
+
+def test_seed_reproduces_sampled_tokens(checkpoint, data, tmp_path):
+    tokens = []
+    for run, seed in (("a", 7), ("b", 7), ("c", 8)):
+        out = tmp_path / run
+        result = _bench(["--model", checkpoint, "--data", data, "--max-tokens", 12,
+                         "--methods", "ar,ss,pld", "--temp", 1.0, "--seed", seed, "--num-prompts", 2,
+                         "--warmup-tokens", 2, "--out", out])
+        assert result.exit_code == 0, result.output
+        results = json.loads((out / "results.json").read_text())
+        assert results["methods"]["ss"]["equal_to_ar"] is None  # sampling: not comparable
+        tokens.append([p["runs"][m]["tokens"] for p in results["prompts"] for m in ("ar", "ss", "pld")])
+    assert tokens[0] == tokens[1]
+    assert tokens[0] != tokens[2]  # another seed samples other tokens
+
+
+def test_sweep_reports_every_setting(checkpoint, data, tmp_path):
+    result = _bench(["--model", checkpoint, "--data", data, "--max-tokens", 8, "--num-prompts", 1,
+                     "--sweep", "--sweep-widths", "1,1;2,2", "--sweep-max-nodes", "3,4,0",
+                     "--warmup-tokens", 2, "--out", tmp_path])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    # caps 3 and 4 are the whole of (1,1); a cap of 3 on (2,2) is the chain (1,1)
+    assert [(s["widths"], s["max_nodes"], s["nodes"]) for s in results["sweep"]] == [
+        ([1, 1], None, 3), ([2, 2], 4, 4), ([2, 2], None, 7)]
+    assert list(results["methods"]) == ["ar"] + [s["name"] for s in results["sweep"]]
+    assert "## Tree sweep (ss)" in result.output and "best on this machine: `--tree-width" in result.output
+
+
+def test_sweep_settings_cut_to_gamma_and_dedupe():
+    # (3,2,1) capped at 4 is the chain (1,1,1); a cap of 100 is no cap
+    got = sweep_settings([(3, 2, 1, 1), (1, 1, 1)], [4, 100, None], gamma=3)
+    assert [(s.widths, s.max_nodes) for s in got] == [((1, 1, 1), None), ((3, 2, 1), None)]
+    got = sweep_settings([(3, 2, 1)], [8], gamma=2)  # cut to (3, 2): 10 rows, so 8 caps
+    assert [(s.widths, s.max_nodes) for s in got] == [((3, 2), 8), ((3, 2), None)]
+
+
+def test_steps_from_draft_flags():
+    # steps: 2 accepted + 1, 0 + 1, 1 + 1, then 3 accepted cut by max_tokens
+    flags = [True, True, False, False, True, False, True, True, True]
+    assert _steps_from_flags(flags) == [2, 0, 1, 3]
+
+
+def test_summarize_figures():
+    def run(tokens, decode_s, forwards, forward_tokens, hits):
+        return Run(tokens, 0.01, decode_s, len(tokens), forwards, forward_tokens, hits, 0.1)
+
+    runs = {
+        "ar": [run([1, 2, 3, 4, 5], 0.4, 5, 5, []), run([6, 7, 8], 0.2, 3, 3, [])],
+        "ss": [run([1, 2, 3, 4, 5], 0.1, 2, 4, [2, 1]), run([6, 7, 9], 0.1, 1, 2, [1, 0])],
+    }
+    out = summarize(runs, greedy=True, lossless=True)
+    ar, ss = out["ar"], out["ss"]
+    assert ar["tps"]["median"] == pytest.approx(10.0)  # (5-1)/0.4 and (3-1)/0.2
+    assert ss["tps"]["min"] == pytest.approx(20.0) and ss["tps"]["max"] == pytest.approx(40.0)
+    assert ss["speedup"]["median"] == pytest.approx(3.0)  # ratios 4 and 2
+    assert ss["overall_speedup"] == pytest.approx((6 / 0.2) / (6 / 0.6))
+    assert ss["tokens_per_forward"] == pytest.approx(6 / 3)
+    assert ss["acceptance_by_depth"] == pytest.approx([3 / 3, 1 / 3])
+    assert ss["equal_to_ar"] is False and ss["equal_prompts"] == 1
+    assert ss["mismatches"] == [{"prompt": 1, "position": 2}]
+    assert ss["must_equal_ar"] and not out["ar"]["must_equal_ar"]
+    assert summarize(runs, greedy=False, lossless=True)["ss"]["equal_to_ar"] is None
+
+
+def test_parse_methods():
+    assert parse_methods("ar, ss,pld,ar") == ["ar", "ss", "pld"]
+    assert parse_methods(None) is None
+    with pytest.raises(BenchError, match="unknown method 'medusa'"):
+        parse_methods("ar,medusa")
+
+
+def test_load_prompts_formats(tmp_path):
+    write_tokenizer(tmp_path)
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(tmp_path)
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in PROMPTS) + "\n")
+    prompts = load_prompts(str(path), tokenizer, None, 8, None)
+    texts = [tokenizer.decode(p.tokens) for p in prompts]
+    assert [p.line for p in prompts] == [1, 2, 3]
+    assert texts[0].endswith("<user>the cat sat on the mat. the cat sat on the\n<assistant>")
+    assert "reference answer" not in texts[1] and texts[1].endswith("abc abc\n<assistant>")
+    assert len(load_prompts(str(path), tokenizer, 2, 8, None)) == 2
+    raw = load_prompts(str(path), tokenizer, 1, 8, None, ignore_chat_template=True)
+    assert tokenizer.decode(raw[0].tokens).endswith("the cat sat on the mat. the cat sat on the")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no prompts"),
+    ("\n\n", "holds no prompts"),
+    ('{"prompt": "ok"}\n{not json\n', ":2: not valid JSON"),
+    ('{"completion": "x"}\n', ':1: expected a "prompt", "messages" or "text" field'),
+    ('{"prompt": "  "}\n', ':1: "prompt" must be a non-empty string'),
+    ('{"messages": []}\n', ':1: "messages" must be a non-empty list'),
+])
+def test_bad_data_files_fail_with_one_line(checkpoint, tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    result = _bench(["--model", checkpoint, "--data", path, "--out", tmp_path / "o"])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompt_longer_than_context_fails(checkpoint, tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": "x" * 2100}) + "\n")
+    result = _bench(["--model", checkpoint, "--data", path, "--methods", "ss",
+                     "--out", tmp_path / "o"])
+    assert result.exit_code == 1
+    assert "long.jsonl:2:" in result.output and "context of 2048" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "ar,eagle"], "unknown method 'eagle'"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--num-prompts", "0"], "--num-prompts must be at least 1"),
+    (["--sweep", "--sweep-max-nodes", "x"], "--sweep-max-nodes takes integers"),
+])
+def test_bad_options_are_usage_errors(checkpoint, data, tmp_path, args, message):
+    result = _bench(["--model", checkpoint, "--data", data, "--out", tmp_path, *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_missing_data_file(checkpoint, tmp_path):
+    result = _bench(["--model", checkpoint, "--data", tmp_path / "nope.jsonl", "--out", tmp_path])
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_draft_model_option_counts_target_forwards(checkpoint, data, tmp_path):
+    # The target's own base as the draft: greedy accepts every draft, so each
+    # target forward emits num_draft_tokens + 1 = 4 tokens (20 = 5 steps of 4).
+    result = _bench(["--model", checkpoint, "--data", data, "--methods", "ar,draft",
+                     "--draft-model", checkpoint.parent / "base", "--max-tokens", 20,
+                     "--num-prompts", 1, "--warmup-tokens", 2, "--out", tmp_path])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    draft = results["methods"]["draft"]
+    assert results["prompts"][0]["runs"]["draft"]["forwards"] == 5
+    assert draft["tokens_per_forward"] == pytest.approx(4.0)
+    assert draft["acceptance_by_depth"] == pytest.approx([1.0, 1.0, 1.0])
+    assert draft["equal_to_ar"] and not draft["must_equal_ar"]
+
+
+def test_outputs_without_matplotlib(full_run, tmp_path, monkeypatch):
+    import sys
+
+    from specstream_mlx.bench_report import write_outputs
+
+    results = json.loads((full_run[0] / "results.json").read_text())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    files = write_outputs(results, tmp_path / "plain")
+    assert "pip install 'specstream-mlx[bench]'" in files["plot_skipped"]
+    assert not (tmp_path / "plain" / "results.png").exists()
+    assert json.loads(files["json"].read_text())["methods"] == results["methods"]
+    assert "| ss |" in files["table"].read_text()
