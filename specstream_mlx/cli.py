@@ -188,6 +188,8 @@ def bench_kernel(
         if json_out is not None:
             json_out.write_text(json.dumps(results, indent=2) + "\n")
 
+    _run(run)
+
 
 @app.command()
 def serve(
