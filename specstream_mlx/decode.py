@@ -91,10 +91,12 @@ class Drafter(Protocol):
     Attributes:
         uses_streams: the prefill's last row must produce stream rows.
         max_depth: deepest draft it can propose (for acceptance statistics).
+        stream_logits_depth: how many streams' logits ``observe`` reads (0: none).
     """
 
     uses_streams: bool
     max_depth: int
+    stream_logits_depth: int
 
     def propose(self, history: List[int], budget: int) -> Draft:
         """The draft for the next forward.
@@ -104,8 +106,12 @@ class Drafter(Protocol):
             budget: tokens still wanted after the root (drafts beyond it are wasted).
         """
 
-    def observe(self, out: ForwardOutput, node: int) -> None:
-        """See the forward that produced ``node``'s row (index into ``out``'s main rows)."""
+    def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
+        """See the forward that produced ``node``'s row (index into ``out``'s main rows).
+
+        ``stream_logits`` (``(S, depth, V)``), when given, are every stream
+        row's logits, already computed with the main rows'.
+        """
 
 
 def tree_rows(tree: Tree) -> Rows:
@@ -127,9 +133,32 @@ def _choose(row_logits: mx.array, sampling: SamplingParams, excluded=()) -> mx.a
     return mx.random.categorical(target)
 
 
-def _draft_table(model: SpecStreamModel, streams: mx.array, depth: int, top_k: int) -> mx.array:
-    """Best ``top_k`` tokens of streams ``1..depth``, best first. ``(gamma, H) -> (depth*top_k,)``."""
-    scores = logits(model, streams[:depth])  # (depth, V)
+#: Below this many rows, one LM-head matmul over the main rows *and* every
+#: node's stream rows costs about what the main rows alone cost (the vocabulary
+#: projection is bound by reading its weights), so the draft logits come free
+#: instead of a second pass over the LM head after the step is accepted.
+FUSED_HEAD_ROWS = 32
+
+
+def _head(model: SpecStreamModel, out: ForwardOutput, depth: int):
+    """Main logits ``(K, V)`` and, when cheap, every node's stream logits ``(S, depth, V)``."""
+    if out.stream_hidden is None or depth == 0:
+        return logits(model, out.main_hidden), None
+    main, streams = out.main_hidden, out.stream_hidden[:, :depth]  # (K, H), (S, depth, H)
+    if main.shape[0] + streams.shape[0] * depth > FUSED_HEAD_ROWS:
+        return logits(model, main), None
+    both = logits(model, mx.concatenate([main, streams.reshape(-1, main.shape[-1])]))
+    return both[: main.shape[0]], both[main.shape[0] :].reshape(streams.shape[0], depth, -1)
+
+
+def _draft_table(model: SpecStreamModel, streams: mx.array, depth: int, top_k: int,
+                 scores: Optional[mx.array] = None) -> mx.array:
+    """Best ``top_k`` tokens of streams ``1..depth``, best first. ``(gamma, H) -> (depth*top_k,)``.
+
+    ``scores`` (``(depth, V)``) are the streams' logits when already computed.
+    """
+    if scores is None:
+        scores = logits(model, streams[:depth])  # (depth, V)
     top = mx.argpartition(-scores, kth=top_k - 1, axis=-1)[:, :top_k]
     order = mx.argsort(-mx.take_along_axis(scores, top, axis=-1), axis=-1)
     return mx.take_along_axis(top, order, axis=-1).reshape(-1)
@@ -143,6 +172,7 @@ class StreamDrafter:
     def __init__(self, model: SpecStreamModel, tree: TreeSettings) -> None:
         self.model = model
         self.depth = self.max_depth = min(len(tree.widths), model.config.gamma)
+        self.stream_logits_depth = self.depth
         self.shape = build_tree(tuple(tree.widths[: self.depth]), tree.max_nodes)
         self.top_k = int(self.shape.rank.max()) + 1 if self.shape.size > 1 else 1
         self.index = mx.array(draft_token_index(self.shape, self.top_k))
@@ -155,9 +185,11 @@ class StreamDrafter:
     def propose(self, history: List[int], budget: int) -> Draft:
         return Draft(self.shape, self.rows, self.table[self.index], self.prune)
 
-    def observe(self, out: ForwardOutput, node: int) -> None:
-        streams = out.stream_hidden[int(out.stream_slot[node])]
-        self.table = _draft_table(self.model, streams, self.depth, self.top_k)
+    def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
+        slot = int(out.stream_slot[node])
+        scores = None if stream_logits is None else stream_logits[slot]
+        self.table = _draft_table(self.model, out.stream_hidden[slot], self.depth, self.top_k,
+                                  scores)
 
 
 class PlainDrafter:
@@ -165,6 +197,7 @@ class PlainDrafter:
 
     uses_streams = False
     max_depth = 0
+    stream_logits_depth = 0
 
     def __init__(self, model: SpecStreamModel) -> None:
         shared = model.config.mode == "shared"  # main rows see their own streams
@@ -174,7 +207,7 @@ class PlainDrafter:
     def propose(self, history: List[int], budget: int) -> Draft:
         return self.draft
 
-    def observe(self, out: ForwardOutput, node: int) -> None:
+    def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
         pass
 
 
@@ -258,7 +291,7 @@ def decode(
         out = forward(model, tokens, draft.rows, cache, tree=draft.tree, prune=draft.prune)
         kept = out.kept
         topo = draft.tree if kept is None else subtree(draft.tree, kept)
-        step_logits = logits(model, out.main_hidden)  # (K, V)
+        step_logits, stream_logits = _head(model, out, drafter.stream_logits_depth)  # (K, V), (S, depth, V) or None
         if kept is not None:
             tokens = tokens[mx.array(kept)]
         if sampling.greedy:
@@ -278,7 +311,7 @@ def decode(
             root = _choose(step_logits[path[-1]], sampling, excluded)
         original = path if kept is None else kept[np.array(path)]
         commit(cache, original, kept, model.first_stream_layer)
-        drafter.observe(out, path[-1])
+        drafter.observe(out, path[-1], stream_logits)
         mx.eval(root)
         accepted_tokens = [int(t) for t in np.array(tokens)[path[1:]]] if len(path) > 1 else []
         step_tokens = accepted_tokens + [root.item()]

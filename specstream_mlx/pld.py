@@ -75,6 +75,7 @@ class PromptLookupDrafter:
     """
 
     uses_streams = False
+    stream_logits_depth = 0
 
     def __init__(self, model, max_ngram: int = 3, min_ngram: int = 1, num_tokens: int = 4):
         find_draft([], max_ngram, min_ngram, num_tokens)  # validates the sizes
@@ -89,5 +90,5 @@ class PromptLookupDrafter:
         rows = chain_rows(size, np.arange(size) if self.shared else None)
         return Draft(chain_tree(len(drafts)), rows, mx.array(np.array(drafts, dtype=np.int32)))
 
-    def observe(self, out, node: int) -> None:
+    def observe(self, out, node: int, stream_logits=None) -> None:
         pass
