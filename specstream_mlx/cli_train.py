@@ -36,6 +36,9 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
     distill: bool = typer.Option(False, "--distill", help="Targets = the base model's greedy output."),
     distill_max_tokens: int = typer.Option(128, "--distill-max-tokens"),
+    cached: Optional[bool] = typer.Option(
+        None, "--cached/--no-cached",
+        help="Lossless: compute the frozen main stream once, train stream rows only (default on)."),
     seed: int = typer.Option(0),
 ):
     """Fine-tune the streams (lossless) or streams + LoRA (shared mode)."""
@@ -80,8 +83,11 @@ def train(
             lora_rank=lora_rank, seed=seed, save_every=save_every,
             val_every=val_every if val_data else 0,
         )
+        use_cache = (not shared) if cached is None else cached
+        if use_cache and shared:
+            raise UsageError("--cached works in lossless mode only (shared mode trains the main stream)")
         figures = run_train(ss_model, examples, config, base_dir, out,
-                            resume=out if resume else None, validate=validate)
+                            resume=out if resume else None, validate=validate, cached=use_cache)
         typer.echo(json.dumps(figures, indent=2))
 
     _run(run)

@@ -126,30 +126,38 @@ def load_examples(path: str, tokenizer, split: str = "train",
     return examples
 
 
-def batches(
-    examples: Sequence[Example], batch_size: int, max_seq_len: int, seed: int, start_step: int = 0
-) -> Iterator[tuple]:
-    """Endless deterministic batches; step ``k`` is the same whatever ``start_step`` is.
+def batch_indices(count: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+    """Endless deterministic batches of example indices.
 
-    Yields:
+    Epoch ``e`` is a permutation seeded with ``seed + e``; the batch of step
+    ``k`` is the same whatever ``start_step`` is (so resumed runs continue
+    exactly).
+    """
+    per_epoch = max(1, count // batch_size)
+    step = start_step
+    while True:
+        epoch, index = divmod(step, per_epoch)
+        order = np.random.default_rng(seed + epoch).permutation(count)
+        if count < batch_size:
+            order = np.resize(order, batch_size)
+        yield order[index * batch_size : (index + 1) * batch_size]
+        step += 1
+
+
+def collate(examples: Sequence[Example], indices: Sequence[int], max_seq_len: int) -> tuple:
+    """Pad the chosen examples into one batch.
+
+    Returns:
         ``(tokens, loss_mask)``: ``(B, T)`` int32 and ``(B, T)`` bool numpy
         arrays, ``T <= max_seq_len``, padded with 0 (mask False). The mask is
         True on tokens that are loss targets.
     """
-    per_epoch = max(1, len(examples) // batch_size) if len(examples) >= batch_size else 1
-    step = start_step
-    while True:
-        epoch, index = divmod(step, per_epoch)
-        order = np.random.default_rng(seed + epoch).permutation(len(examples))
-        if len(order) < batch_size:
-            order = np.resize(order, batch_size)
-        chosen = [examples[i] for i in order[index * batch_size : (index + 1) * batch_size]]
-        length = min(max_seq_len, max(len(e.tokens) for e in chosen))
-        tokens = np.zeros((batch_size, length), dtype=np.int32)
-        mask = np.zeros((batch_size, length), dtype=bool)
-        for row, example in enumerate(chosen):
-            seq = example.tokens[:length]
-            tokens[row, : len(seq)] = seq
-            mask[row, example.loss_start : len(seq)] = True
-        yield tokens, mask
-        step += 1
+    chosen = [examples[i] for i in indices]
+    length = min(max_seq_len, max(len(e.tokens) for e in chosen))
+    tokens = np.zeros((len(chosen), length), dtype=np.int32)
+    mask = np.zeros((len(chosen), length), dtype=bool)
+    for row, example in enumerate(chosen):
+        seq = example.tokens[:length]
+        tokens[row, : len(seq)] = seq
+        mask[row, example.loss_start : len(seq)] = True
+    return tokens, mask

@@ -26,7 +26,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
-from .data import Example, batches
+from .data import Example, batch_indices, collate
 from .losses import LossWeights, loss_fn
 from .model import SpecStreamModel
 
@@ -191,6 +191,7 @@ def train(
     resume: Optional[Path] = None,
     validate: Optional[Callable[[SpecStreamModel], dict]] = None,
     extra_state: Optional[dict] = None,
+    cached: bool = False,
 ) -> dict:
     """Train ``model`` in place and write checkpoints to ``out``.
 
@@ -204,6 +205,8 @@ def train(
         validate: optional callback returning figures (e.g. tokens per
             forward on validation prompts), run every ``val_every`` steps.
         extra_state: JSON-able facts stored with each checkpoint.
+        cached: lossless mode only: compute the frozen main stream once and
+            train on the stream rows alone (``cached_train``); much faster.
 
     Returns:
         The last step's figures (``loss``, per-stream loss/accuracy, ``tokens_per_sec``).
@@ -214,16 +217,28 @@ def train(
     if resume is not None:
         optimizer.init(model.trainable_parameters())
         start = restore_state(model, optimizer, resume)
-    step_fn = nn.value_and_grad(model, lambda m, t, k: loss_fn(m, t, k, config.weights))
-    data = batches(examples, config.batch_size, config.max_seq_len, config.seed, start)
+    if cached:
+        from .cached_train import CachedLoss, precompute
+
+        examples = [e for e in examples if len(e.tokens) <= config.max_seq_len]
+        objective = CachedLoss(model, precompute(model, examples), config.weights, seed=config.seed)
+        step_fn = nn.value_and_grad(model, objective)
+    else:
+        step_fn = nn.value_and_grad(model, lambda m, t, k: loss_fn(m, t, k, config.weights))
+    order = batch_indices(len(examples), config.batch_size, config.seed, start)
     figures: dict = {}
     tokens_seen, tic = 0, time.perf_counter()
     for step in range(start + 1, config.iters + 1):
-        tokens, mask = next(data)
-        (loss, metrics), grads = step_fn(model, mx.array(tokens), mask)
+        indices = next(order)
+        if cached:
+            (loss, metrics), grads = step_fn(model, indices, step)
+            tokens_seen += sum(len(examples[i].tokens) for i in indices)
+        else:
+            tokens, mask = collate(examples, indices, config.max_seq_len)
+            (loss, metrics), grads = step_fn(model, mx.array(tokens), mask)
+            tokens_seen += tokens.size
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state, loss, metrics)
-        tokens_seen += tokens.size
         if step % config.report_every == 0 or step == config.iters:
             tps = tokens_seen / (time.perf_counter() - tic)
             figures = {"step": step, "loss": loss.item(), "tokens_per_sec": tps,

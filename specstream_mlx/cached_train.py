@@ -1,0 +1,221 @@
+"""Lossless-mode training with the main stream computed once.
+
+In lossless mode nothing trainable touches the main rows: the base is frozen,
+main rows never attend to stream rows, and the stream adapters act on stream
+rows only. So the main stream of every training example -- its hidden state at
+the input of layer ``N - Ns`` and its keys/values in each multi-stream layer --
+is the same at every step. ``precompute`` runs it once; each training step then
+runs only the stream rows of the positions that carry loss, as queries over
+those cached keys/values (plus their own earlier streams), exactly the
+computation the stream rows get at inference and in ``losses.train_forward``.
+
+The vocabulary projection of the stream rows is restricted to a candidate set
+(every token that occurs as a training target, plus fresh random tokens each
+step as extra negatives): the targets are a few thousand distinct tokens, so
+this is several times cheaper than the full vocabulary. The early-exit
+(pruning) loss is computed the same way on the main rows' cached hidden states.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import LayerCache, StepView, make_cache
+from .data import Example
+from .families import embed
+from .forward import adapt_streams
+from .losses import LossWeights, _window_mask
+from .model import SpecStreamModel
+from .rope import RowPositions
+
+
+@dataclass
+class MainStream:
+    """Cached main stream of one example.
+
+    Attributes:
+        tokens: ``(T,)`` token ids (numpy).
+        loss_start: first target index.
+        hidden: ``(T, H)`` hidden state at the input of layer ``N - Ns``.
+        keys, values: per multi-stream layer, ``(1, H_kv, T, D)`` (keys after RoPE).
+    """
+
+    tokens: np.ndarray
+    loss_start: int
+    hidden: mx.array
+    keys: List[mx.array]
+    values: List[mx.array]
+
+
+def precompute(model: SpecStreamModel, examples: Sequence[Example]) -> List[MainStream]:
+    """Run the frozen main stream of every example once (with progress)."""
+    from .masks import chain_rows
+
+    split, n = model.first_stream_layer, model.num_layers
+    out = []
+    tic = time.perf_counter()
+    for i, example in enumerate(examples, start=1):
+        tokens = np.array(example.tokens, dtype=np.int32)
+        length = len(tokens)
+        cache = make_cache(n)
+        rows = chain_rows(length)
+        h = embed(model.family, model.base, mx.array(tokens)[None])
+        for layer in range(n):
+            if layer == split:
+                hidden = h[0]
+            window = model.windows[layer]
+            mask = "causal" if window is None else _window_mask(rows.ancestors, rows.depth, window)
+            h = model.layers[layer](h, mask, cache=StepView(cache[layer], 0))
+        keys = [cache[layer].keys[..., :length, :] for layer in range(split, n)]
+        values = [cache[layer].values[..., :length, :] for layer in range(split, n)]
+        mx.eval(hidden, keys, values)
+        out.append(MainStream(tokens, example.loss_start, hidden, keys, values))
+        if i % 20 == 0 or i == len(examples):
+            rate = i / (time.perf_counter() - tic)
+            print(f"\r[cache main stream] {i}/{len(examples)} examples ({rate:.1f}/s)",
+                  file=sys.stderr, end="", flush=True)
+    print(file=sys.stderr)
+    return out
+
+
+class _FixedKV:
+    """Cache stand-in: cached main keys/values followed by the stream rows' own."""
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: RowPositions) -> None:
+        self.keys, self.values, self.offset = keys, values, offset
+
+    def update_and_fetch(self, keys, values):
+        return (mx.concatenate([self.keys, keys], axis=2),
+                mx.concatenate([self.values, values], axis=2))
+
+
+def _stream_plan(main: MainStream, gamma: int):
+    """Positions whose streams carry loss, and the stream rows' mask and positions."""
+    length = len(main.tokens)
+    first = max(0, main.loss_start - 1 - gamma)
+    positions = np.arange(first, length - 1)  # (R,) rows t; stream j predicts t + 1 + j
+    rows = positions.size
+    stream_pos = (positions[:, None] + np.arange(1, gamma + 1)[None, :]).reshape(-1)  # (R*g,)
+    owner = np.repeat(positions, gamma)  # position t of each stream row
+    see_main = np.arange(length)[None, :] <= owner[:, None]  # (R*g, T)
+    same = np.repeat(np.arange(rows), gamma)
+    order = np.tile(np.arange(gamma), rows)
+    see_streams = (same[:, None] == same[None, :]) & (order[None, :] <= order[:, None])
+    block = np.concatenate([see_main, see_streams], axis=1)  # (R*g, T + R*g)
+    key_pos = np.concatenate([np.arange(length), stream_pos])
+    return positions, stream_pos, block, key_pos
+
+
+def stream_hidden(model: SpecStreamModel, main: MainStream) -> tuple:
+    """Final-norm stream hidden states for one cached example.
+
+    Returns:
+        ``(positions, hidden)``: rows ``t`` (numpy ``(R,)``) and ``(R, gamma, H)``.
+    """
+    gamma, split = model.config.gamma, model.first_stream_layer
+    positions, stream_pos, block, key_pos = _stream_plan(main, gamma)
+    h = main.hidden[mx.array(positions)][:, None, :] + model.stream_embeddings.astype(main.hidden.dtype)
+    h = h.reshape(1, positions.size * gamma, -1)  # (1, R*g, H)
+    offset = RowPositions(mx.array(stream_pos.astype(np.int32)))
+    masks = {}
+    for i, layer in enumerate(range(split, model.num_layers)):
+        window = model.windows[layer]
+        if window not in masks:
+            visible = block
+            if window is not None:
+                visible = block & ((stream_pos[:, None] - key_pos[None, :]) < window)
+            masks[window] = mx.array(visible)
+        h = adapt_streams(model, h, layer, 0)
+        cache = _FixedKV(main.keys[i], main.values[i], offset)
+        h = model.layers[layer](h, masks[window], cache=cache)
+    h = model.base.model.norm(h[0])
+    return positions, h.reshape(positions.size, gamma, -1)
+
+
+def _head_weight(model: SpecStreamModel) -> mx.array:
+    base = model.base
+    head = base.lm_head if "lm_head" in base else base.model.embed_tokens
+    if not hasattr(head, "weight") or head.weight.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        raise ValueError("cached training needs an unquantized LM head; use a float model")
+    if "lm_head" in base and "bias" in base.lm_head:
+        raise ValueError("cached training does not support an LM head with a bias")
+    return head.weight  # (V, H)
+
+
+def _subset_ce(hidden: mx.array, targets: np.ndarray, weight: mx.array, candidates: np.ndarray):
+    """Cross-entropy over ``candidates`` only; targets must be among them."""
+    index = np.searchsorted(candidates, targets)
+    logits = (hidden @ weight[mx.array(candidates)].T).astype(mx.float32)  # (n, C)
+    wanted = mx.array(index.astype(np.int32))
+    loss = nn.losses.cross_entropy(logits, wanted).sum()
+    hits = (mx.argmax(logits, axis=-1) == wanted).sum()
+    return loss, hits
+
+
+class CachedLoss:
+    """Loss over cached main streams, for ``trainer.train``.
+
+    Args:
+        model: the model (lossless mode).
+        mains: from ``precompute``.
+        weights: loss weights (``main`` is ignored: the main stream is frozen).
+        negatives: random extra candidate tokens per step.
+        seed: for the negatives.
+    """
+
+    def __init__(self, model: SpecStreamModel, mains: List[MainStream], weights: LossWeights,
+                 negatives: int = 4096, seed: int = 0) -> None:
+        if model.config.mode != "lossless":
+            raise ValueError("cached training is for lossless mode (the main stream is frozen)")
+        self.mains, self.weights, self.negatives = mains, weights, negatives
+        self.vocab = model.config.vocab_size
+        self.targets = np.unique(np.concatenate([m.tokens[m.loss_start:] for m in mains]))
+        self.seed = seed
+
+    def candidates(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng(self.seed * 1_000_003 + step)
+        extra = rng.integers(0, self.vocab, size=self.negatives)
+        return np.union1d(self.targets, extra)
+
+    def __call__(self, model: SpecStreamModel, indices: Sequence[int], step: int):
+        gamma = model.config.gamma
+        weight = _head_weight(model)
+        candidates = self.candidates(step)
+        sums = {f"stream_{j}": [mx.array(0.0), 0, mx.array(0)] for j in range(1, gamma + 1)}
+        sums["exit"] = [mx.array(0.0), 0, mx.array(0)]
+        for index in indices:
+            main = self.mains[int(index)]
+            positions, hidden = stream_hidden(model, main)  # (R,), (R, g, H)
+            length = len(main.tokens)
+            for j in range(1, gamma + 1):
+                target_at = positions + 1 + j
+                use = (target_at < length) & (target_at >= main.loss_start)
+                if not use.any():
+                    continue
+                rows = mx.array(np.flatnonzero(use).astype(np.int32))
+                loss, hits = _subset_ce(hidden[rows, j - 1], main.tokens[target_at[use]],
+                                        weight, candidates)
+                entry = sums[f"stream_{j}"]
+                entry[0], entry[1], entry[2] = entry[0] + loss, entry[1] + int(use.sum()), entry[2] + hits
+            if self.weights.early_exit > 0:
+                at = np.arange(max(main.loss_start - 1, 0), length - 1)
+                exits = model.base.model.norm(model.prune_adapter(main.hidden[mx.array(at)]))
+                loss, hits = _subset_ce(exits, main.tokens[at + 1], weight, candidates)
+                entry = sums["exit"]
+                entry[0], entry[1], entry[2] = entry[0] + loss, entry[1] + at.size, entry[2] + hits
+        total, metrics = mx.array(0.0), {}
+        for name, (loss, count, hits) in sums.items():
+            if count == 0:
+                continue
+            mean = loss / count
+            metrics[f"{name}_loss"] = mean
+            metrics[f"{name}_acc"] = hits / count
+            total = total + (self.weights.early_exit if name == "exit" else self.weights.stream) * mean
+        return total, metrics
