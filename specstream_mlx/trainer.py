@@ -220,7 +220,10 @@ def train(
     if cached:
         from .cached_train import CachedLoss, precompute
 
-        examples = [e for e in examples if len(e.tokens) <= config.max_seq_len]
+        examples = [Example(e.tokens[: config.max_seq_len], e.loss_start) for e in examples
+                    if e.loss_start < min(len(e.tokens), config.max_seq_len) - 1]
+        if not examples:
+            raise ValueError(f"no example has a completion within --max-seq-len {config.max_seq_len}")
         objective = CachedLoss(model, precompute(model, examples), config.weights, seed=config.seed)
         step_fn = nn.value_and_grad(model, objective)
     else:

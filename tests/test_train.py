@@ -128,14 +128,30 @@ def test_training_forward_matches_inference_forward():
         np.testing.assert_allclose(np.array(main[0, t]), np.array(out.main_hidden[-1]), atol=1e-4)
 
 
-def test_resume_continues_identically(tmp_path, base_dir):
+def _train_interrupted(monkeypatch, model, examples, config, base_dir, out, at, **kwargs):
+    """Train until the checkpoint of step ``at`` is written, then 'crash'."""
+    import specstream_mlx.trainer as trainer
+
+    real_save = trainer.save_checkpoint
+
+    def save_then_crash(model, optimizer, step, *args):
+        real_save(model, optimizer, step, *args)
+        if step == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, examples, config, base_dir, out, **kwargs)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+
+
+def test_resume_continues_identically(tmp_path, base_dir, monkeypatch):
     corpus = _successor_corpus(32)
     config = TrainConfig(iters=6, batch_size=4, max_seq_len=32, learning_rate=5e-3, warmup=2,
                          report_every=100, save_every=3)
     straight = _model()
     train(straight, corpus, config, base_dir, tmp_path / "a")
-    resumed = _model()
-    train(resumed, corpus, TrainConfig(**{**config.__dict__, "iters": 3}), base_dir, tmp_path / "b")
+    _train_interrupted(monkeypatch, _model(), corpus, config, base_dir, tmp_path / "b", at=3)
     again = _model()
     train(again, corpus, config, base_dir, tmp_path / "b", resume=tmp_path / "b")
     for (name, x), (_, y) in zip(tree_flatten(straight.trainable_parameters()),
@@ -220,3 +236,47 @@ def test_rouge_and_exact_match():
     assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
     assert exact_match("SELECT  name FROM t;", "select name from t") == 1.0
     assert exact_match("SELECT id FROM t", "select name from t") == 0.0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_cached_stream_rows_match_training_forward(family):
+    from specstream_mlx.cached_train import precompute, stream_hidden
+
+    model = _model(family=family)
+    tokens = random_prompt(30, seed=3)  # longer than Gemma 3's window (8)
+    main = precompute(model, [Example(tuple(tokens), 12)])[0]
+    positions, hidden = stream_hidden(model, main)
+    assert positions[0] == 12 - 1 - 3 and positions[-1] == 28
+    _, streams, _ = train_forward(model, mx.array([tokens]))
+    np.testing.assert_allclose(np.array(hidden), np.array(streams[0, mx.array(positions)]),
+                               atol=1e-5)
+
+
+def test_cached_training_learns_and_resumes(tmp_path, base_dir, monkeypatch):
+    from mlx_lm.utils import load_tokenizer
+
+    from specstream_mlx.distill import distill
+
+    model = _model()
+    prompts = [Example(tuple(random_prompt(8, seed)), 8) for seed in range(48)]
+    examples = distill(model.base, load_tokenizer(base_dir), prompts, max_tokens=32)
+    config = TrainConfig(iters=60, batch_size=8, max_seq_len=48, learning_rate=1e-2, warmup=5,
+                         report_every=60, save_every=30)
+    figures = train(model, examples, config, base_dir, tmp_path / "a", cached=True)
+    assert figures["stream_1_acc"] > 0.5, figures
+    emitted = forwards = 0
+    for seed in range(100, 104):
+        prompt = random_prompt(8, seed)
+        tokens, steps = decode_tokens(model, prompt, 32, tree=TreeSettings((2, 1, 1), None))
+        assert tokens == reference_tokens(model.base, prompt, 32)
+        emitted += sum(len(s.tokens) for s in steps[1:])
+        forwards += len(steps) - 1
+    assert emitted / forwards > 1.5
+    # Resuming the step-30 checkpoint reproduces the uninterrupted run exactly.
+    _train_interrupted(monkeypatch, _model(), examples, config, base_dir, tmp_path / "b", at=30,
+                       cached=True)
+    resumed = _model()
+    train(resumed, examples, config, base_dir, tmp_path / "b", resume=tmp_path / "b", cached=True)
+    for (name, x), (_, y) in zip(tree_flatten(model.trainable_parameters()),
+                                 tree_flatten(resumed.trainable_parameters())):
+        np.testing.assert_array_equal(np.array(x), np.array(y), err_msg=name)
