@@ -76,6 +76,16 @@ def init(
     typer.echo(f"wrote {path} (gamma={gamma}, stream layers={stream_layers}, mode={mode})")
 
 
+def check_decode_options(max_tokens: int, temp: float, max_nodes: Optional[int]) -> None:
+    """Refuse decoding options that cannot work (``UsageError``)."""
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if temp < 0:
+        raise UsageError(f"--temp must be >= 0, got {temp}")
+    if max_nodes is not None and max_nodes < 1:
+        raise UsageError(f"--max-nodes must be >= 1, got {max_nodes}")
+
+
 def _read_prompt(prompt: str) -> str:
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -106,12 +116,7 @@ def generate(
     from .decode import TreeSettings
 
     def run():
-        if max_tokens < 1:
-            raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
-        if temp < 0:
-            raise UsageError(f"--temp must be >= 0, got {temp}")
-        if max_nodes is not None and max_nodes < 1:
-            raise UsageError(f"--max-nodes must be >= 1, got {max_nodes}")
+        check_decode_options(max_tokens, temp, max_nodes)
         text = _read_prompt(prompt)
         widths = _parse_widths(tree_width)
         from .generate import format_stats, stream_generate

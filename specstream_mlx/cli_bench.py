@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .cli import UsageError, _parse_widths, _run, app
+from .cli import check_decode_options, UsageError, _parse_widths, _run, app
 
 _SWEEP_WIDTHS = "1;1,1;1,1,1;2,1;2,1,1;2,2,1;3,2,1;3,3,1"
 _SWEEP_NODES = "4,8,16"
@@ -70,14 +70,9 @@ def bench(
         from .bench import BenchSettings, parse_methods, run_bench
         from .bench_report import format_table, write_outputs
 
-        if max_tokens < 1:
-            raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
-        if temp < 0:
-            raise UsageError(f"--temp must be >= 0, got {temp}")
+        check_decode_options(max_tokens, temp, max_nodes)
         if num_prompts is not None and num_prompts < 1:
             raise UsageError(f"--num-prompts must be at least 1, got {num_prompts}")
-        if max_nodes is not None and max_nodes < 1:
-            raise UsageError(f"--max-nodes must be >= 1, got {max_nodes}")
         if pld_ngram < 1 or pld_tokens < 1 or num_draft_tokens < 1:
             raise UsageError("--pld-ngram, --pld-tokens and --num-draft-tokens must be >= 1")
         try:
