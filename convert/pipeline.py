@@ -71,7 +71,7 @@ def _stream_config(streams: Optional[StreamWeights], config: dict, gamma: int,
                    stream_layers: int, mode: str) -> SpecStreamConfig:
     if streams is not None:
         gamma = streams.gamma
-        stream_layers = int(streams.config.get("stream_layers", stream_layers))
+        stream_layers = int(streams.config.get("stream_layers", streams.adapter_count or stream_layers))
         mode = streams.config.get("mode", mode)
     down = streams.tensors.get("prune_adapter.down.weight") if streams else None
     tree = TreeDefaults()
@@ -80,6 +80,7 @@ def _stream_config(streams: Optional[StreamWeights], config: dict, gamma: int,
     ss = SpecStreamConfig(
         gamma=gamma, stream_layers=stream_layers, mode=mode,
         prune_rank=int(down.shape[0]) if down is not None else 8,
+        stream_adapter_rank=streams.adapter_rank if streams else 0,
         hidden_size=config["hidden_size"], vocab_size=config["vocab_size"],
         num_layers=config["num_hidden_layers"], tree=tree,
     )
@@ -110,7 +111,10 @@ def copy_mlx_streams(folder: Path, config: dict, out: Path) -> SpecStreamConfig:
 
 def write_streams(base, model_type: str, ss_config: SpecStreamConfig,
                   streams: Optional[StreamWeights], out: Path, seed: int = 0) -> None:
-    """Write ``specstream.json`` / ``.safetensors``: trained streams, or fresh ones from ``seed``."""
+    """Write ``specstream.json`` / ``.safetensors``: trained streams, or fresh ones from ``seed``.
+
+    Trained streams without a pruning adapter get a fresh one (the plain early exit).
+    """
     from ..loading import save_streams
     from ..model import SpecStreamModel
 
@@ -126,6 +130,10 @@ def write_streams(base, model_type: str, ss_config: SpecStreamConfig,
             value = streams.tensors.get(f"prune_adapter.{name}.weight")
             if value is not None:
                 getattr(model.prune_adapter, name).weight = value.astype(mx.float32)
+        for i, adapter in enumerate(model.stream_adapters):
+            for name in ("down", "up"):
+                value = streams.tensors[f"stream_adapters.{i}.{name}.weight"]
+                getattr(adapter, name).weight = value.astype(mx.float32)
     save_streams(model, out)
 
 

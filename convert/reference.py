@@ -8,7 +8,9 @@ reference for conversion parity and for the Core ML export, and its
 
 * ``base.<Hugging Face name>``: the base model (``base.model.layers.0.self_attn.q_proj.weight``...);
 * ``stream_embeddings``: ``(gamma, hidden)``;
-* ``prune_adapter.down.weight``: ``(rank, hidden)``; ``prune_adapter.up.weight``: ``(hidden, rank)``.
+* ``prune_adapter.down.weight``: ``(rank, hidden)``; ``prune_adapter.up.weight``: ``(hidden, rank)``;
+* ``stream_adapters.{i}.down.weight``: ``(r, hidden)``, ``stream_adapters.{i}.up.weight``:
+  ``(hidden, r)`` for ``i < Ns`` (only when the model has stream adapters).
 
 Supported families: llama, mistral, qwen2, qwen3, phi3, gemma, gemma3_text
 (default RoPE only). Everything runs on full sequences (no KV cache): prefix
@@ -180,8 +182,11 @@ class BaseLM(nn.Module):
         return h @ self.model.embed_tokens.weight.T if self.tied else self.lm_head(h)
 
 
-class PruneAdapter(nn.Module):
-    """``h -> h + up(down(h))``, the early-exit adapter (``up`` starts at zero)."""
+class ResidualAdapter(nn.Module):
+    """``h -> h + up(silu(down(h)))`` (``up`` starts at zero), as ``model.ResidualAdapter``.
+
+    The early-exit pruning adapter and the stream adapters have this form.
+    """
 
     def __init__(self, hidden: int, rank: int) -> None:
         super().__init__()
@@ -190,7 +195,10 @@ class PruneAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
 
     def forward(self, h):
-        return h + self.up(self.down(h))
+        return h + self.up(F.silu(self.down(h)))
+
+
+PruneAdapter = ResidualAdapter  # the name this class had first
 
 
 def _check_rope(cfg: dict) -> None:
@@ -235,10 +243,13 @@ class SpecStreamReference(nn.Module):
             (``specstream_mlx.convert.hf_config.mlx_config`` of a HF config).
         gamma: number of streams; stream_layers: ``Ns``; mode: lossless|shared;
         prune_rank: rank of the pruning adapter.
+        stream_adapter_rank: rank of the stream adapters (0: none), one per
+            multi-stream layer, applied to the stream rows before that layer.
     """
 
     def __init__(self, config: dict, gamma: int = 3, stream_layers: int = 4,
-                 mode: str = "lossless", prune_rank: int = 8) -> None:
+                 mode: str = "lossless", prune_rank: int = 8,
+                 stream_adapter_rank: int = 0) -> None:
         super().__init__()
         _check_rope(config)
         self.cfg = dict(config)
@@ -246,7 +257,12 @@ class SpecStreamReference(nn.Module):
         self.base = BaseLM(config)
         hidden = config["hidden_size"]
         self.stream_embeddings = nn.Parameter(torch.zeros(gamma, hidden))
-        self.prune_adapter = PruneAdapter(hidden, prune_rank)
+        self.prune_adapter = ResidualAdapter(hidden, prune_rank)
+        self.stream_adapter_rank = stream_adapter_rank
+        self.stream_adapters = nn.ModuleList(
+            ResidualAdapter(hidden, stream_adapter_rank)
+            for _ in range(stream_layers if stream_adapter_rank else 0)
+        )
         self.split = config["num_hidden_layers"] - stream_layers
         head_dim = self.base.model.layers[0].self_attn.head_dim
         self.rot_dim = self.base.model.layers[0].self_attn.rot_dim
@@ -268,9 +284,13 @@ class SpecStreamReference(nn.Module):
         angles = positions.float()[:, None] * inv[None, :]  # (L, rot/2)
         return angles.cos(), angles.sin()
 
-    def _layers(self, h, ids, positions, mask):
+    def _layers(self, h, ids, positions, mask, n_main=None):
+        """Run layers ``ids``; with ``n_main``, rows from ``n_main`` on are stream rows."""
         ropes = {}
         for i in ids:
+            if n_main is not None and len(self.stream_adapters) and h.shape[0] > n_main:
+                adapter = self.stream_adapters[i - self.split]
+                h = torch.cat([h[:n_main], adapter(h[n_main:])])
             window = self.windows[i]
             theta = self.local_theta if window is not None else self.theta
             if theta not in ropes:
@@ -323,7 +343,7 @@ class SpecStreamReference(nn.Module):
             offsets = torch.arange(1, self.gamma + 1)
             positions = torch.cat([positions, (positions[stream_nodes][:, None] + offsets).reshape(-1)])
             mask = msa_mask(mask, stream_nodes, self.gamma, self.mode == "shared")
-        h = self._layers(h, range(self.split, n_layers), positions, mask)
+        h = self._layers(h, range(self.split, n_layers), positions, mask, n_main=length)
         h = self.base.model.norm(h)
         main = self.logits(h[:length])
         streams = self.logits(h[length:]).reshape(count, self.gamma, -1) if count else None

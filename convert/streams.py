@@ -13,18 +13,24 @@ Tensor names (those of ``reference.SpecStreamReference.state_dict()``):
 * ``prune_adapter.down.weight``: ``(rank, hidden)``,
   ``prune_adapter.up.weight``: ``(hidden, rank)`` (optional: a fresh adapter is
   made when absent, which is the plain early exit);
+* ``stream_adapters.{i}.down.weight``: ``(r, hidden)``,
+  ``stream_adapters.{i}.up.weight``: ``(hidden, r)``, one pair per multi-stream
+  layer ``i < stream_layers`` (optional: the stream adapters of
+  ``reference.SpecStreamReference(stream_adapter_rank=r)``);
 * ``base.<Hugging Face name>``: the base model (optional; ignored by
   ``--streams`` except to check its shapes against the converted base).
 
 ``specstream_config`` keys: ``gamma``, ``stream_layers``, ``mode``
 (``lossless`` | ``shared``), and, to check that the streams belong to the base,
-``hidden_size``, ``vocab_size``, ``num_layers``. Names of stream LoRA
-adapters (``*lora*``) are refused for now: the runtime does not apply them.
+``hidden_size``, ``vocab_size``, ``num_layers``; ``stream_adapter_rank`` is
+optional (it must agree with the tensors). Names of LoRA tensors (``*lora*``)
+are refused: the runtime applies no LoRA at inference; merge it into the base.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
@@ -36,6 +42,7 @@ from .hf_weights import check_safetensors, import_torch, load_torch_file, torch_
 
 CONFIG_KEY = "specstream_config"
 STREAM_NAMES = ("stream_embeddings", "prune_adapter.down.weight", "prune_adapter.up.weight")
+ADAPTER_NAME = re.compile(r"^stream_adapters\.(\d+)\.(down|up)\.weight$")
 
 
 @dataclass
@@ -43,7 +50,8 @@ class StreamWeights:
     """Stream parameters from a PyTorch SS checkpoint.
 
     Attributes:
-        tensors: ``stream_embeddings`` and (optionally) the ``prune_adapter.*`` weights.
+        tensors: ``stream_embeddings`` and (optionally) the ``prune_adapter.*`` and
+            ``stream_adapters.*`` weights.
         config: the checkpoint's ``specstream_config`` (may be empty).
         base_shapes: shapes of ``base.*`` tensors, by Hugging Face name.
     """
@@ -59,6 +67,17 @@ class StreamWeights:
     @property
     def hidden_size(self) -> int:
         return int(self.tensors["stream_embeddings"].shape[1])
+
+    @property
+    def adapter_count(self) -> int:
+        """Number of stream adapters (0: none)."""
+        return sum(1 for k in self.tensors if k.startswith("stream_adapters.")) // 2
+
+    @property
+    def adapter_rank(self) -> int:
+        """Rank of the stream adapters (0: none)."""
+        down = self.tensors.get("stream_adapters.0.down.weight")
+        return 0 if down is None else int(down.shape[0])
 
 
 def _read_safetensors(file: Path):
@@ -100,12 +119,11 @@ def read_streams(path) -> StreamWeights:
         tensors, config = _read_safetensors(file)
     else:
         tensors, config = _read_torch(file)
-    lora = sorted(k for k in tensors if "lora" in k.lower() or k.startswith("stream_adapters"))
+    lora = sorted(k for k in tensors if "lora" in k.lower())
     if lora:
         raise ConversionError(
-            f"{file} holds stream LoRA / stream adapter tensors ({lora[0]}, ...), which the "
-            f"converter cannot carry over yet; merge base-weight LoRA into the base model "
-            f"before converting"
+            f"{file} holds LoRA tensors ({lora[0]}, ...), which the runtime does not apply; "
+            f"merge base-weight LoRA into the base model before converting"
         )
     if "stream_embeddings" not in tensors:
         raise ConversionError(
@@ -120,9 +138,48 @@ def read_streams(path) -> StreamWeights:
             f"{file}: specstream_config says gamma={config['gamma']} but stream_embeddings "
             f"has {table.shape[0]} rows"
         )
-    streams = {k: v for k, v in tensors.items() if k in STREAM_NAMES}
+    streams = {k: v for k, v in tensors.items() if k in STREAM_NAMES or ADAPTER_NAME.match(k)}
+    _check_adapters(file, streams, config)
     base = {k[len("base."):]: tuple(v.shape) for k, v in tensors.items() if k.startswith("base.")}
     return StreamWeights(streams, dict(config), base)
+
+
+def _check_adapters(file: Path, tensors: dict, config: dict) -> None:
+    """Stream adapters must be complete pairs ``0..n-1`` of one rank, ``n = stream_layers``."""
+    found = {}
+    for name in tensors:
+        match = ADAPTER_NAME.match(name)
+        if match:
+            found.setdefault(int(match.group(1)), {})[match.group(2)] = tensors[name]
+    rank = int(config.get("stream_adapter_rank", 0) or 0)
+    if not found:
+        if rank:
+            raise ConversionError(
+                f"{file}: specstream_config says stream_adapter_rank={rank} but the file holds "
+                f"no stream_adapters.* tensors"
+            )
+        return
+    count = len(found)
+    layers = int(config.get("stream_layers", count))
+    if sorted(found) != list(range(layers)) or any(len(pair) != 2 for pair in found.values()):
+        raise ConversionError(
+            f"{file}: stream adapters must come as stream_adapters.{{i}}.down/up.weight for "
+            f"every multi-stream layer i = 0..{layers - 1}; found layers {sorted(found)}"
+        )
+    hidden = tensors["stream_embeddings"].shape[1]
+    first = found[0]["down"].shape[0]
+    for i, pair in found.items():
+        down, up = pair["down"].shape, pair["up"].shape
+        if down != (first, hidden) or up != (hidden, first):
+            raise ConversionError(
+                f"{file}: stream_adapters.{i} has down {down} / up {up}; expected "
+                f"({first}, {hidden}) / ({hidden}, {first})"
+            )
+    if rank and rank != first:
+        raise ConversionError(
+            f"{file}: specstream_config says stream_adapter_rank={rank} but the adapters have "
+            f"rank {first}"
+        )
 
 
 def check_fits(streams: StreamWeights, hidden: int, vocab: int, layers: int, where: str) -> None:
@@ -155,6 +212,7 @@ def save_torch_checkpoint(module, path, extra_config: Optional[dict] = None) -> 
     cfg = module.cfg
     config = {
         "gamma": module.gamma, "stream_layers": module.stream_layers, "mode": module.mode,
+        "stream_adapter_rank": module.stream_adapter_rank,
         "hidden_size": cfg["hidden_size"], "vocab_size": cfg["vocab_size"],
         "num_layers": cfg["num_hidden_layers"], **(extra_config or {}),
     }
