@@ -261,7 +261,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 # Commands defined in other modules register themselves on `app` when imported.
-from . import cli_bench, cli_train  # noqa: E402,F401
+from . import cli_bench, cli_coreml, cli_train  # noqa: E402,F401
 
 
 if __name__ == "__main__":

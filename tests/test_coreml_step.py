@@ -1,0 +1,138 @@
+"""The module that the Core ML export traces, checked against the MLX runtime (Linux).
+
+The traced ``StepModule`` is run through the host loop's inputs (``coreml.host``):
+prompt chunks with padding, tree steps with a branching mask, commits of a
+non-contiguous accepted path, every enumerated size from one trace. Needs torch.
+"""
+
+import os
+from unittest.mock import patch
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from helpers import decode_tokens, random_prompt, ss_model  # noqa: E402
+from specstream_mlx.coreml import export as ex  # noqa: E402
+from specstream_mlx.coreml import host, interface  # noqa: E402
+from specstream_mlx.coreml.parity import compare, deepest_path, worst  # noqa: E402
+from specstream_mlx.decode import TreeSettings  # noqa: E402
+
+SIZES, CONTEXT = (4, 8, 12), 64
+CASES = [("llama", "lossless", 4), ("qwen2", "shared", 0), ("phi3", "lossless", 0), ("qwen3", "shared", 4)]
+
+
+def _traced(model, cache_dtype=None, compute_dtype=None):
+    layout = ex.layout_for(model, SIZES, CONTEXT)
+    step = ex.build_step(model, CONTEXT, cache_dtype or torch.float32, compute_dtype)
+    return ex.trace_step(step, layout), layout
+
+
+@pytest.mark.parametrize("family,mode,rank", CASES)
+def test_traced_step_matches_mlx_at_every_size(family, mode, rank):
+    """One trace (at 12 rows) serves 4, 8 and 12 rows; float32 cache: exact up to rounding."""
+    model = ss_model(family, mode=mode, seed=2, adapter_rank=rank)
+    traced, layout = _traced(model)
+    for size in SIZES:
+        path = deepest_path(layout.trees[size].parents)
+        assert len(path) == 4 and (size == 4 or path != list(range(4))), "the path must skip rows"
+        errors = compare(host.TorchBackend(traced), model, layout, tree_size=size, seed=size)
+        assert worst(errors) < 1e-5, (size, errors)
+
+
+def test_float16_cache_and_float16_arithmetic_stay_close():
+    """The converted configuration (float16 state) and a float16 emulation of the program."""
+    model = ss_model("llama", seed=4, adapter_rank=4)
+    traced, layout = _traced(model, cache_dtype=torch.float16)
+    assert worst(compare(host.TorchBackend(traced), model, layout)) < 2e-3
+    half, _ = _traced(model, torch.float16, torch.float16)
+    assert worst(compare(host.TorchBackend(half), model, layout)) < 2e-2
+
+
+def test_a_wrong_commit_is_caught():
+    """The check can fail: a host that forgets the slot copies breaks the step after a commit."""
+    model = ss_model("llama", seed=5)
+    traced, layout = _traced(model)
+    original = host.Session.commit
+
+    def no_copies(self, rows):
+        original(self, rows)
+        self._pending = []
+
+    with patch.object(host.Session, "commit", no_copies):
+        errors = compare(host.TorchBackend(traced), model, layout)
+    assert errors["tree_main"] < 1e-5 and errors["after_commit_main"] > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["lossless", "shared"])
+def test_host_loop_decodes_like_the_runtime(mode):
+    """Greedy decoding through the exported interface emits the MLX runtime's tokens."""
+    model = ss_model("llama", mode=mode, seed=6, adapter_rank=4)
+    traced, layout = _traced(model)
+    prompt = random_prompt(15, seed=1)  # two prefill chunks of 12
+    for size in (8, 12):
+        tree = layout.trees[size]
+        widths = (3, 2, 1)
+        assert tree.size == size
+        expected, steps = decode_tokens(model, prompt, 24, tree=TreeSettings(widths, size))
+        out = host.generate(host.TorchBackend(traced), layout, prompt, 24, tree_size=size)
+        assert out["tokens"] == expected
+        assert out["forwards"] == len(steps) - 1  # the runtime's prefill is one step
+
+
+def test_sampling_path_at_low_temperature_is_greedy():
+    """Rejection sampling with a near one-hot target accepts exactly the greedy path."""
+    model = ss_model("qwen2", seed=7)
+    traced, layout = _traced(model)
+    prompt = random_prompt(10, seed=2)
+    greedy = host.generate(host.TorchBackend(traced), layout, prompt, 20)
+    sampled = host.generate(host.TorchBackend(traced), layout, prompt, 20,
+                            sampling=host.Sampling(temp=1e-4), seed=3)
+    assert sampled["tokens"] == greedy["tokens"]
+    hot = host.generate(host.TorchBackend(traced), layout, prompt, 20,
+                        sampling=host.Sampling(temp=1.5, top_k=50, top_p=0.9), seed=3)
+    assert len(hot["tokens"]) == 20 and hot["tokens"] != greedy["tokens"]
+
+
+def test_context_limit_and_stop_tokens():
+    model = ss_model("llama", seed=8)
+    traced, layout = _traced(model)
+    prompt = random_prompt(30, seed=3)
+    out = host.generate(host.TorchBackend(traced), layout, prompt, 100)
+    assert out["finish"] == "context"  # 64 slots: 30 prompt + trees of 12 rows
+    assert 30 + len(out["tokens"]) <= CONTEXT
+    first = host.generate(host.TorchBackend(traced), layout, prompt, 8)["tokens"]
+    stop = host.generate(host.TorchBackend(traced), layout, prompt, 8, stop_ids=[first[2]])
+    assert stop["finish"] == "stop" and stop["tokens"] == first[: first.index(first[2]) + 1]
+
+
+def test_tree_for_size_has_exactly_that_many_nodes():
+    for size in (1, 2, 7, 16, 40, 64):
+        tree = ex.tree_for_size((3, 2, 1), 3, size)
+        assert tree.size == size and tree.max_depth <= 3
+        assert (tree.parents[1:] < np.arange(1, size)).all()  # parents first
+
+
+def test_interface_is_what_the_module_and_the_swift_code_use():
+    """Inputs in interface.json are the step's arguments, in order; the Swift package reads
+    every role of the file."""
+    import inspect
+
+    from specstream_mlx.coreml.step import StepModule
+
+    spec = interface.interface()
+    params = list(inspect.signature(StepModule.forward).parameters)[1:]
+    assert params == [spec["inputs"][r]["name"] for r in spec["inputs"]] == list(spec["inputs"])
+    swift = os.path.join(os.path.dirname(__file__), "..", "apps", "SpecStreamCoreML", "Sources")
+    text = "".join(open(os.path.join(root, f)).read() for root, _, files in os.walk(swift)
+                   for f in files if f.endswith(".swift"))
+    for group in ("inputs", "outputs", "states", "metadata"):
+        for role in spec[group]:
+            assert f'"{role}"' in text or f" {_camel(role)}" in text, (group, role)
+    assert f"interfaceVersion = {spec['interface_version']}" in text
+
+
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(w.capitalize() for w in rest)
