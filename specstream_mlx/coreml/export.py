@@ -259,10 +259,15 @@ def _publish(mlmodel, out: Path, overwrite: bool, expected: dict) -> None:
         problems = check(staged, expected)
         if problems:
             raise CoreMLExportError(f"the saved package is not what was asked: {problems[0]}")
+        old = tmp / "old"
         if out.exists():
-            old = tmp / "old"
-            os.replace(out, old)
-        os.replace(staged, out)
+            os.replace(out, old)  # --overwrite: the old package goes when the new one is in place
+        try:
+            os.replace(staged, out)
+        except OSError:
+            if old.exists():
+                os.replace(old, out)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
