@@ -15,8 +15,15 @@ from .families import Family, layer_windows
 from .rope import install_positional_rope
 
 
+ADAPTER_EPS = 1e-6
+
+
 class ResidualAdapter(nn.Module):
-    """Rank-r residual adapter ``h -> h + up(silu(down(h)))``; ``up`` starts at zero.
+    """Rank-r residual adapter ``h -> h + up(silu(down(rms(h))))``; ``up`` starts at zero.
+
+    ``rms`` is an RMS normalisation without weight (eps 1e-6): residual streams
+    carry a few huge "massive activation" features (SmolLM2: ~2e4 next to an
+    RMS of ~20) that would otherwise swamp the adapter's input.
 
     Used as the early-exit pruning head's adapter (an untrained one is the
     plain "logit lens" of layer ``N - Ns``) and as the stream adapters.
@@ -29,7 +36,7 @@ class ResidualAdapter(nn.Module):
         self.up.weight = mx.zeros_like(self.up.weight)
 
     def __call__(self, h: mx.array) -> mx.array:
-        return h + self.up(nn.silu(self.down(h)))
+        return h + self.up(nn.silu(self.down(mx.fast.rms_norm(h, None, ADAPTER_EPS))))
 
 
 class SpecStreamModel(nn.Module):
