@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ..atomic import atomic_dir
 from ..config import CheckpointError
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -39,23 +37,8 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise ConversionError(
             f"{out} already exists; choose another --mlx-path or pass --overwrite to replace it"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
-    try:
+    with atomic_dir(out) as tmp:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old.{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def parse_dtype(name: Optional[str]):

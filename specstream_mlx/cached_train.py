@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import LayerCache, StepView, make_cache
+from .cache import StepView, make_cache
 from .data import Example
 from .families import embed
 from .forward import adapt_streams

@@ -242,7 +242,6 @@ def describe_runtime(model) -> str:
     """Backend, BLAS and dtype, for ``--verbose``."""
     import mlx.core as mx
 
-    from . import _blas
 
     device = mx.default_device()
     backend = "cpu"

@@ -8,10 +8,8 @@ stays loadable by mlx-lm itself.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -28,6 +26,7 @@ from .config import (
     write_config,
 )
 from .families import family_for
+from .atomic import atomic_dir
 from .model import SpecStreamModel
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
@@ -178,22 +177,6 @@ def load(
     return model, tokenizer
 
 
-def _atomic_dir(out: Path, overwrite: bool):
-    """A temporary sibling of ``out`` to fill, and a function that publishes it."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-
-    def publish():
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-
-    return tmp, publish
-
-
 def save_streams(model: SpecStreamModel, directory: Path) -> None:
     """Write ``specstream.json`` and ``specstream.safetensors`` into ``directory``."""
     write_config(model.config, directory)
@@ -301,16 +284,13 @@ def init_checkpoint(
     config = _new_config(base, gamma, stream_layers, mode, tree, adapter_rank)
     model = fresh_model(base, family, config, seed)
 
-    tmp, publish = _atomic_dir(Path(out), overwrite)
-    try:
+    if Path(out).exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    with atomic_dir(Path(out)) as tmp:
         for item in src.iterdir():
             if item.name in (CONFIG_FILE, WEIGHTS_FILE) or item.name.startswith("."):
                 continue
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)
         save_streams(model, tmp)
-        publish()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Path(out)

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .config import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
 from .data import Example, batch_indices, collate
 from .losses import LossWeights, loss_fn
+from .atomic import atomic_dir
 from .model import SpecStreamModel
 
 STATE_JSON = "training_state.json"
@@ -114,10 +114,7 @@ def save_checkpoint(model, optimizer, step: int, config: TrainConfig, base_dir: 
     """Write a complete checkpoint for ``step`` to ``out``, atomically."""
     from .loading import save_streams
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(Path(out)) as tmp:
         shared = model.config.mode == "shared"
         for item in Path(base_dir).iterdir():
             if not item.is_file() or item.name.startswith((".", "training_state")):
@@ -139,16 +136,6 @@ def save_checkpoint(model, optimizer, step: int, config: TrainConfig, base_dir: 
         mx.save_safetensors(str(tmp / STATE_WEIGHTS), state)
         info = {"step": step, "config": asdict(config), "base_dir": str(base_dir), **extra}
         (tmp / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n")
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def restore_state(model, optimizer, resume_dir: Path) -> int:
