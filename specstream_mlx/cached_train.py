@@ -21,17 +21,19 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import List, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import StepView, make_cache
+from .cache import make_cache
 from .data import Example
 from .families import embed
-from .forward import adapt_streams
-from .losses import LossWeights, _window_mask
+from .forward import adapt_streams, run_layers
+from .losses import LossWeights
+from .masks import chain_rows, within_window
 from .model import SpecStreamModel
 from .rope import RowPositions
 
@@ -56,23 +58,19 @@ class MainStream:
 
 def precompute(model: SpecStreamModel, examples: Sequence[Example]) -> List[MainStream]:
     """Run the frozen main stream of every example once (with progress)."""
-    from .masks import chain_rows
-
     split, n = model.first_stream_layer, model.num_layers
     out = []
     tic = time.perf_counter()
     for i, example in enumerate(examples, start=1):
         tokens = np.array(example.tokens, dtype=np.int32)
         length = len(tokens)
-        cache = make_cache(n)
+        cache = make_cache(n)  # the rows stay pending in it: nothing is committed
         rows = chain_rows(length)
-        h = embed(model.family, model.base, mx.array(tokens)[None])
-        for layer in range(n):
-            if layer == split:
-                hidden = h[0]
-            window = model.windows[layer]
-            mask = "causal" if window is None else _window_mask(rows.ancestors, rows.depth, window)
-            h = model.layers[layer](h, mask, cache=StepView(cache[layer], 0))
+        run = partial(run_layers, block=rows.ancestors, positions=rows.depth, is_chain=True,
+                      cache=cache)
+        hidden = run(model, embed(model.family, model.base, mx.array(tokens)[None]), range(split))
+        run(model, hidden, range(split, n))  # fills the multi-stream layers' keys/values
+        hidden = hidden[0]
         keys = [cache[layer].keys[..., :length, :] for layer in range(split, n)]
         values = [cache[layer].values[..., :length, :] for layer in range(split, n)]
         mx.eval(hidden, keys, values)
@@ -128,10 +126,7 @@ def stream_hidden(model: SpecStreamModel, main: MainStream) -> tuple:
     for i, layer in enumerate(range(split, model.num_layers)):
         window = model.windows[layer]
         if window not in masks:
-            visible = block
-            if window is not None:
-                visible = block & ((stream_pos[:, None] - key_pos[None, :]) < window)
-            masks[window] = mx.array(visible)
+            masks[window] = mx.array(within_window(block, stream_pos, key_pos, window))
         h = adapt_streams(model, h, layer, 0)
         cache = _FixedKV(main.keys[i], main.values[i], offset)
         h = model.layers[layer](h, masks[window], cache=cache)

@@ -86,6 +86,15 @@ def check_decode_options(max_tokens: int, temp: float, max_nodes: Optional[int])
         raise UsageError(f"--max-nodes must be >= 1, got {max_nodes}")
 
 
+def model_or_default(model: Optional[str]) -> str:
+    """``--model``, or the embedded default model (converted into the cache on first use)."""
+    if model is not None:
+        return model
+    from .convert.default_model import default_model_path
+
+    return str(default_model_path())
+
+
 def _read_prompt(prompt: str) -> str:
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -123,9 +132,7 @@ def generate(
         from .loading import load
         from .prompts import format_prompt
 
-        from .convert.default_model import default_model_path
-
-        ss_model, tokenizer = load(model if model is not None else str(default_model_path()))
+        ss_model, tokenizer = load(model_or_default(model))
         defaults = ss_model.config.tree
         tree = TreeSettings(
             widths or tuple(defaults.widths),
@@ -217,14 +224,8 @@ def serve(
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be in 0..65535, got {port}")
         try:
-            if model is None:
-                from .convert.default_model import default_model_path
-
-                chosen = str(default_model_path())
-            else:
-                chosen = model
             run_server(ServerSettings(
-                model=chosen, host=host, port=port, api_key=api_key or None, max_queue=max_queue,
+                model=model_or_default(model), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
                 max_tokens=max_tokens, speculative=not no_spec, watch_stdin=watch_stdin,
             ))
         except ServerStartError as exc:

@@ -297,7 +297,8 @@ def decode(
         if sampling.greedy:
             argmax = mx.argmax(step_logits, axis=-1)
             mx.eval(argmax, tokens)
-            path = accept_greedy(topo.with_tokens(np.array(tokens)), np.array(argmax))
+            host_tokens = np.array(tokens)
+            path = accept_greedy(topo.with_tokens(host_tokens), np.array(argmax))
             root = argmax[path[-1]]
         else:
             probs = mx.softmax(target_logits(step_logits, sampling), axis=-1)
@@ -305,16 +306,16 @@ def decode(
             child_probs = probs[parents, tokens]  # p_parent(token) per node
             uniforms = mx.random.uniform(shape=(topo.size,))
             mx.eval(child_probs, uniforms, tokens)
+            host_tokens = np.array(tokens)
             path, excluded = accept_sampling(
-                topo.with_tokens(np.array(tokens)), np.array(child_probs), np.array(uniforms)
+                topo.with_tokens(host_tokens), np.array(child_probs), np.array(uniforms)
             )
             root = _choose(step_logits[path[-1]], sampling, excluded)
         original = path if kept is None else kept[np.array(path)]
         commit(cache, original, kept, model.first_stream_layer)
         drafter.observe(out, path[-1], stream_logits)
         mx.eval(root)
-        accepted_tokens = [int(t) for t in np.array(tokens)[path[1:]]] if len(path) > 1 else []
-        step_tokens = accepted_tokens + [root.item()]
+        step_tokens = [int(t) for t in host_tokens[path[1:]]] + [root.item()]
         history.extend(step_tokens)
         emitted += len(step_tokens)
         yield Step(tokens=step_tokens, accepted=len(path) - 1, tree_size=topo.size)

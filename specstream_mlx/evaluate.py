@@ -69,6 +69,28 @@ def _pairs(path: str, tokenizer, limit: Optional[int]):
     return out
 
 
+class _SpeedTally:
+    """Adds up tokens per forward and acceptance by depth over several generations."""
+
+    def __init__(self) -> None:
+        self.tokens, self.forwards, self.depth = 0, 0, None
+
+    def add(self, last) -> None:
+        """Count the final ``GenerationResponse`` of one generation."""
+        self.tokens += round(last.tokens_per_forward * last.forwards)
+        self.forwards += last.forwards
+        hits = [a * last.forwards for a in last.acceptance_by_depth]
+        self.depth = hits if self.depth is None else [x + y for x, y in zip(self.depth, hits)]
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / max(self.forwards, 1)
+
+    @property
+    def acceptance_by_depth(self) -> List[float]:
+        return [h / max(self.forwards, 1) for h in (self.depth or [])]
+
+
 def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional[int] = None,
              max_tokens: int = 128, tree: Optional[TreeSettings] = None) -> dict:
     """Generate greedily for each example and score it.
@@ -87,43 +109,37 @@ def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional
     """
     score = {"rouge": rouge_l, "exact": exact_match}[metric]
     pairs = _pairs(path, tokenizer, limit)
-    quality, tokens, forwards, tps, depth = 0.0, 0, 0, 0.0, None
+    quality, tps, speed = 0.0, 0.0, _SpeedTally()
     for i, (prompt, reference) in enumerate(pairs, start=1):
         text, last = "", None
         for last in stream_generate(model, tokenizer, prompt, max_tokens, tree=tree):
             text += last.text
         quality += score(text, reference)
-        tokens += round(last.tokens_per_forward * last.forwards)
-        forwards += last.forwards
         tps += last.generation_tps
-        hits = [a * last.forwards for a in last.acceptance_by_depth]
-        depth = hits if depth is None else [x + y for x, y in zip(depth, hits)]
+        speed.add(last)
         print(f"\r[eval] {i}/{len(pairs)} {metric}={quality / i:.3f} "
-              f"tokens/forward={tokens / max(forwards, 1):.2f}", file=sys.stderr, end="", flush=True)
+              f"tokens/forward={speed.tokens_per_forward:.2f}", file=sys.stderr, end="", flush=True)
     print(file=sys.stderr)
     return {
         "examples": len(pairs),
         "metric": metric,
         "quality": quality / len(pairs),
-        "tokens_per_forward": tokens / max(forwards, 1),
+        "tokens_per_forward": speed.tokens_per_forward,
         "generation_tps": tps / len(pairs),
-        "acceptance_by_depth": [h / max(forwards, 1) for h in (depth or [])],
+        "acceptance_by_depth": speed.acceptance_by_depth,
     }
 
 
 def speed_on_prompts(model, tokenizer, prompts: List[List[int]], max_tokens: int = 64,
                      tree: Optional[TreeSettings] = None) -> dict:
     """Tokens per forward and acceptance by depth of greedy decoding on token prompts."""
-    tokens, forwards, depth = 0, 0, None
+    speed = _SpeedTally()
     for prompt in prompts:
         last = None
         for last in stream_generate(model, tokenizer, prompt, max_tokens, tree=tree):
             pass
-        tokens += round(last.tokens_per_forward * last.forwards)
-        forwards += last.forwards
-        hits = [a * last.forwards for a in last.acceptance_by_depth]
-        depth = hits if depth is None else [x + y for x, y in zip(depth, hits)]
+        speed.add(last)
     return {
-        "val_tokens_per_forward": tokens / max(forwards, 1),
-        "val_acceptance_by_depth": [h / max(forwards, 1) for h in (depth or [])],
+        "val_tokens_per_forward": speed.tokens_per_forward,
+        "val_acceptance_by_depth": speed.acceptance_by_depth,
     }

@@ -59,7 +59,7 @@ def logits(model: SpecStreamModel, hidden: mx.array) -> mx.array:
     return lm_head(model.base, hidden)
 
 
-def _run_layers(model, h, layer_ids, block, positions, is_chain, cache, n_main=None,
+def run_layers(model, h, layer_ids, block, positions, is_chain, cache, n_main=None,
                 tree_desc=None):
     """Run ``layer_ids`` on ``h`` ``(1, L, H)`` with one mask per window size.
 
@@ -135,7 +135,7 @@ def forward(
     shared = config.mode == "shared"
 
     h = embed(model.family, model.base, tokens[None])  # (1, M, H)
-    h = _run_layers(
+    h = run_layers(
         model, h, range(split), rows.ancestors, rows.depth, rows.is_chain, cache,
         tree_desc=partial(describe, rows, gamma, shared, False),
     )
@@ -169,7 +169,7 @@ def forward(
     else:
         block, positions, is_chain = rows.ancestors, rows.depth, rows.is_chain
     tree_desc = partial(describe, rows, gamma, shared, n_stream > 0)
-    h = _run_layers(model, h, range(split, model.num_layers), block, positions, is_chain, cache,
+    h = run_layers(model, h, range(split, model.num_layers), block, positions, is_chain, cache,
                     n_main=n_main if n_stream else None, tree_desc=tree_desc)
     h = model.base.model.norm(h[0])  # (M' + S*gamma, H)
 

@@ -14,7 +14,6 @@ the pruning adapter (its input is gradient-free).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,7 +21,7 @@ import numpy as np
 
 from .families import embed, lm_head
 from .forward import adapt_streams
-from .masks import chain_rows, msa_block, row_positions
+from .masks import chain_rows, msa_block, row_positions, within_window
 from .model import SpecStreamModel
 from .rope import RowPositions
 
@@ -44,13 +43,6 @@ class _TrainView:
 
     def update_and_fetch(self, keys, values):
         return keys, values
-
-
-def _window_mask(block: np.ndarray, positions: np.ndarray, window: Optional[int]) -> mx.array:
-    mask = block
-    if window is not None:
-        mask = block & ((positions[:, None] - positions[None, :]) < window)
-    return mx.array(mask)
 
 
 def train_forward(model: SpecStreamModel, tokens: mx.array):
@@ -76,7 +68,8 @@ def train_forward(model: SpecStreamModel, tokens: mx.array):
     for i in range(split):
         window = model.windows[i]
         if window not in masks:
-            masks[window] = "causal" if window is None else _window_mask(causal, positions, window)
+            masks[window] = "causal" if window is None else mx.array(
+                within_window(causal, positions, positions, window))
         h = model.layers[i](h, masks[window], cache=_TrainView(0))
     h = mx.stop_gradient(h)
 
@@ -90,7 +83,7 @@ def train_forward(model: SpecStreamModel, tokens: mx.array):
     for i in range(split, model.num_layers):
         window = model.windows[i]
         if window not in masks:
-            masks[window] = _window_mask(block, all_positions, window)
+            masks[window] = mx.array(within_window(block, all_positions, all_positions, window))
         h = adapt_streams(model, h, i, length)
         h = model.layers[i](h, masks[window], cache=_TrainView(offset))
     h = model.base.model.norm(h)

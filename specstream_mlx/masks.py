@@ -93,6 +93,21 @@ def row_positions(rows: Rows, gamma: int, with_streams: bool) -> np.ndarray:
 MaskLike = Union[None, str, mx.array]
 
 
+def within_window(visible: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray,
+                  window: Optional[int]) -> np.ndarray:
+    """``visible`` with keys outside a sliding window hidden.
+
+    Args:
+        visible: ``(Lq, Lk)`` bool.
+        q_pos, k_pos: ``(Lq,)`` and ``(Lk,)`` absolute positions.
+        window: a key at ``p_k`` stays visible to a query at ``p_q`` only if
+            ``p_q - p_k < window``; ``None`` keeps everything.
+    """
+    if window is None:
+        return visible
+    return visible & ((q_pos[:, None] - k_pos[None, :]) < window)
+
+
 def build_mask(
     block: np.ndarray,
     offset: int,
@@ -123,8 +138,6 @@ def build_mask(
         if offset == 0:
             return tree
         return mx.concatenate([mx.ones((size, offset), dtype=mx.bool_), tree], axis=1)
-    q_pos = positions[:, None] + offset
-    k_pos = np.concatenate([np.arange(offset), positions + offset])[None, :]
     full = np.concatenate([np.ones((size, offset), dtype=bool), block], axis=1)
-    full &= (q_pos - k_pos) < window
-    return mx.array(full)
+    k_pos = np.concatenate([np.arange(offset), positions + offset])
+    return mx.array(within_window(full, positions + offset, k_pos, window))
