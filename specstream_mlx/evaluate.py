@@ -54,7 +54,12 @@ def _pairs(path: str, tokenizer, limit: Optional[int]):
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: each line must be a JSON object")
             if "messages" in record:
                 messages, reference = record["messages"][:-1], record["messages"][-1]["content"]
             elif "prompt" in record and "completion" in record:
