@@ -51,14 +51,16 @@ def packaged_streams() -> Optional[Path]:
 def streams_tag() -> str:
     """Short content hash of the packaged streams (``untrained`` without them).
 
-    Part of the cache folder's name, so a release with new streams never
-    reuses a cache built with older ones.
+    Part of the cache folder's name, so a release with new streams (or a new
+    checkpoint format) never reuses a cache built with older ones.
     """
     import hashlib
 
+    from ..config import FORMAT_VERSION
+
     folder = packaged_streams()
     if folder is None:
-        return "untrained"
+        return f"v{FORMAT_VERSION}-untrained"
     digest = hashlib.sha256()
     for name in ("specstream.json", "specstream.safetensors"):
         digest.update((folder / name).read_bytes())

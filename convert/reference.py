@@ -183,9 +183,9 @@ class BaseLM(nn.Module):
 
 
 class ResidualAdapter(nn.Module):
-    """``h -> h + up(silu(down(rms(h))))`` (``up`` starts at zero), as ``model.ResidualAdapter``.
+    """``h -> h + rms(h) * up(silu(down(h / rms(h))))`` (``up`` starts at zero), as ``model.ResidualAdapter``.
 
-    ``rms`` (no weight, eps 1e-6) is computed on ``h / max|h|`` so float16 never overflows.
+    ``rms`` (eps 1e-6) is computed on ``h / max|h|`` so float16 never overflows.
 
     The early-exit pruning adapter and the stream adapters have this form.
     """
@@ -199,8 +199,8 @@ class ResidualAdapter(nn.Module):
     def forward(self, h):
         peak = h.abs().amax(-1, keepdim=True).clamp(min=1e-2)
         scaled = h / peak
-        normed = scaled * torch.rsqrt(scaled.pow(2).mean(-1, keepdim=True) + 1e-6 / peak.pow(2))
-        return h + self.up(F.silu(self.down(normed)))
+        rms = peak * torch.sqrt(scaled.pow(2).mean(-1, keepdim=True) + 1e-6 / peak.pow(2))
+        return h + self.up(F.silu(self.down(h / rms))) * rms
 
 
 PruneAdapter = ResidualAdapter  # the name this class had first

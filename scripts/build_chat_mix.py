@@ -13,7 +13,11 @@ import argparse
 import csv
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chat_requests import assistant_prompts  # noqa: E402
 
 TOPICS = [
     "volcanoes", "the water cycle", "black holes", "honeybees", "the Roman Empire",
@@ -58,11 +62,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--per-task", type=int, default=80)
+    parser.add_argument("--per-task", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    prompts = chat_prompts() + dataset_prompts(args.shared, rng, args.per_task)
+    prompts = chat_prompts() + assistant_prompts() + dataset_prompts(args.shared, rng, args.per_task)
     rng.shuffle(prompts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as handle:

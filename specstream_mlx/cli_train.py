@@ -18,13 +18,23 @@ def train(
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
     mode: Optional[str] = typer.Option(None, help="lossless | shared (default: the checkpoint's)."),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation JSONL."),
-    gamma: int = typer.Option(3, help="Streams, for a fresh start."),
-    stream_layers: int = typer.Option(4, "--stream-layers", help="MSA layers, for a fresh start."),
-    adapter_rank: int = typer.Option(32, "--adapter-rank", help="Stream adapter rank, fresh start."),
+    gamma: Optional[int] = typer.Option(None, help="Streams, for fresh streams (default 3)."),
+    stream_layers: Optional[int] = typer.Option(
+        None, "--stream-layers", help="MSA layers, for fresh streams (default 4)."),
+    adapter_rank: Optional[int] = typer.Option(
+        None, "--adapter-rank", help="Stream adapter rank, for fresh streams (default 64)."),
+    fresh_streams: bool = typer.Option(
+        False, "--fresh-streams",
+        help="--model is a checkpoint: keep its base model, train new streams with the settings "
+             "given here instead of continuing its own."),
     iters: int = typer.Option(1000, help="Training steps."),
     batch_size: int = typer.Option(4, "--batch-size"),
     max_seq_len: int = typer.Option(512, "--max-seq-len"),
     learning_rate: float = typer.Option(5e-4, "--learning-rate"),
+    embedding_lr: Optional[float] = typer.Option(
+        None, "--embedding-lr",
+        help="Own learning rate for the stream embeddings (they must move on the scale of the "
+             "residual stream; adapters want ~1e-3). Default: --learning-rate."),
     warmup: int = typer.Option(50, help="Linear warm-up steps."),
     schedule: str = typer.Option("cosine", help="cosine | constant"),
     stream_weight: float = typer.Option(0.1, "--stream-weight", help="alpha_j of each stream."),
@@ -39,14 +49,19 @@ def train(
     cached: Optional[bool] = typer.Option(
         None, "--cached/--no-cached",
         help="Lossless: compute the frozen main stream once, train stream rows only (default on)."),
+    positions: Optional[int] = typer.Option(
+        None, "--positions",
+        help="Cached training: streams of this many random positions per example and step "
+             "(default: all); cheaper steps, so more examples per step."),
     seed: int = typer.Option(0),
 ):
     """Fine-tune the streams (lossless) or streams + LoRA (shared mode)."""
     from .data import load_examples
     from .distill import distill as run_distill
     from .evaluate import speed_on_prompts
-    from .loading import load_for_training
+    from .loading import load_for_training, resolve_path
     from .losses import LossWeights
+    from .config import CONFIG_FILE
     from .trainer import STATE_JSON, TrainConfig, train as run_train
 
     def run():
@@ -56,11 +71,21 @@ def train(
             raise UsageError(f"{out} exists: pass --resume to continue it, or choose another --out")
         if resume and not (out / STATE_JSON).is_file():
             raise UsageError(f"--resume: {out} holds no training checkpoint")
-        source = model
-        if resume:
-            source = json.loads((out / STATE_JSON).read_text())["base_dir"]
+        source, fresh = model, fresh_streams
+        settings = {"gamma": gamma, "stream_layers": stream_layers, "stream_adapter_rank": adapter_rank}
+        if resume:  # the checkpoint in --out knows what it was started with
+            state = json.loads((out / STATE_JSON).read_text())
+            source, fresh = state["base_dir"], state.get("fresh_streams", False)
+            settings = {k: v for k, v in json.loads((out / CONFIG_FILE).read_text()).items()
+                        if k in settings}
+        elif not fresh:
+            source = str(resolve_path(source))
+            if (Path(source) / CONFIG_FILE).is_file():
+                check_stream_settings(Path(source), settings)
         ss_model, tokenizer, base_dir = load_for_training(
-            source, gamma, stream_layers, mode, adapter_rank, seed)
+            source, settings["gamma"] or 3, settings["stream_layers"] or 4, mode,
+            64 if settings["stream_adapter_rank"] is None else settings["stream_adapter_rank"],
+            seed, fresh_streams=fresh)
         examples = load_examples(data, tokenizer)
         if distill:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,18 +104,35 @@ def train(
         )
         config = TrainConfig(
             iters=iters, batch_size=batch_size, max_seq_len=max_seq_len,
-            learning_rate=learning_rate, warmup=warmup, schedule=schedule, weights=weights,
-            lora_rank=lora_rank, seed=seed, save_every=save_every,
+            learning_rate=learning_rate, embedding_lr=embedding_lr, warmup=warmup, schedule=schedule, weights=weights,
+            lora_rank=lora_rank, seed=seed, save_every=save_every, positions=positions,
             val_every=val_every if val_data else 0,
         )
         use_cache = (not shared) if cached is None else cached
         if use_cache and shared:
             raise UsageError("--cached works in lossless mode only (shared mode trains the main stream)")
         figures = run_train(ss_model, examples, config, base_dir, out,
-                            resume=out if resume else None, validate=validate, cached=use_cache)
+                            resume=out if resume else None, validate=validate, cached=use_cache,
+                            extra_state={"fresh_streams": fresh})
         typer.echo(json.dumps(figures, indent=2))
 
     _run(run)
+
+
+def check_stream_settings(checkpoint: Path, settings: dict) -> None:
+    """Refuse stream settings that a checkpoint's own streams contradict."""
+    from .config import CONFIG_FILE
+
+    flags = {"gamma": "--gamma", "stream_layers": "--stream-layers",
+             "stream_adapter_rank": "--adapter-rank"}
+    own = json.loads((checkpoint / CONFIG_FILE).read_text())
+    clash = [f"{flags[k]} {v} (it has {own.get(k)})" for k, v in settings.items()
+             if v is not None and own.get(k) != v]
+    if clash:
+        raise UsageError(
+            f"{checkpoint} is a checkpoint with its own streams; {', '.join(clash)}. "
+            "Pass --fresh-streams to train new streams over its base model."
+        )
 
 
 @app.command("eval")

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adapters scale with their row's RMS
 CONFIG_FILE = "specstream.json"
 WEIGHTS_FILE = "specstream.safetensors"
 MODES = ("lossless", "shared")

@@ -41,15 +41,21 @@ def distill(
     """
     from mlx_lm import batch_generate
 
-    done: List[Example] = []
-    if cache_file is not None and cache_file.is_file():
-        for line in cache_file.read_text().splitlines():
-            record = json.loads(line)
-            done.append(Example(tuple(record["tokens"]), record["loss_start"]))
     prompts = []
-    for example in examples[len(done):]:
+    for example in examples:
         cut = example.loss_start or max(1, len(example.tokens) // 2)
         prompts.append(list(example.tokens[:cut]))
+    done: List[Example] = []
+    if cache_file is not None and cache_file.is_file():
+        for number, line in enumerate(cache_file.read_text().splitlines()[: len(examples)], 1):
+            record = json.loads(line)
+            if record["tokens"][: record["loss_start"]] != prompts[number - 1]:
+                raise ValueError(
+                    f"{cache_file}:{number} holds another prompt than the data's example "
+                    f"{number}: the data changed since it was written; delete the file"
+                )
+            done.append(Example(tuple(record["tokens"]), record["loss_start"]))
+    prompts = prompts[len(done):]
     tic = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]

@@ -221,20 +221,24 @@ def load_for_training(
     mode: Optional[str] = None,
     adapter_rank: int = 0,
     seed: int = 0,
+    fresh_streams: bool = False,
 ):
     """A model to train: a checkpoint's, or a plain model with fresh streams.
 
     Args:
-        path_or_repo: a checkpoint (its stream settings win) or a plain mlx-lm model.
+        path_or_repo: a checkpoint (its stream settings win unless
+            ``fresh_streams``) or a plain mlx-lm model.
         gamma, stream_layers, adapter_rank, seed: for fresh streams.
         mode: training mode; ``None`` keeps the checkpoint's (or lossless).
+        fresh_streams: for a checkpoint: keep its base model, replace its
+            streams by fresh ones with the settings given here.
 
     Returns:
         ``(model, tokenizer, path)``.
     """
     path = resolve_path(path_or_repo)
     _read_base_config(path)
-    if (path / CONFIG_FILE).is_file():
+    if (path / CONFIG_FILE).is_file() and not fresh_streams:
         model, tokenizer = load(str(path))
         if mode is not None and mode != model.config.mode:
             model.config.mode = mode

@@ -19,11 +19,15 @@ ADAPTER_EPS = 1e-6
 
 
 class ResidualAdapter(nn.Module):
-    """Rank-r residual adapter ``h -> h + up(silu(down(rms(h))))``; ``up`` starts at zero.
+    """Rank-r residual adapter ``h -> h + rms(h) * up(silu(down(h / rms(h))))``.
 
-    ``rms`` is an RMS normalisation without weight (eps 1e-6): residual streams
-    carry a few huge "massive activation" features (SmolLM2: ~2e4 next to an
-    RMS of ~20) that would otherwise swamp the adapter's input.
+    ``rms(h)`` is the row's root mean square (eps 1e-6, computed in float32);
+    ``up`` starts at zero, so a fresh adapter is the identity. Both the input
+    and the output are relative to the row's own scale: residual streams have
+    an RMS of ~20 with a few "massive activation" features (SmolLM2: ~2e4 on
+    the first token), and an adapter working in absolute units would need
+    weights hundreds of times larger than its initialisation to matter, which
+    a single learning rate cannot reach together with the rest.
 
     Used as the early-exit pruning head's adapter (an untrained one is the
     plain "logit lens" of layer ``N - Ns``) and as the stream adapters.
@@ -36,7 +40,11 @@ class ResidualAdapter(nn.Module):
         self.up.weight = mx.zeros_like(self.up.weight)
 
     def __call__(self, h: mx.array) -> mx.array:
-        return h + self.up(nn.silu(self.down(mx.fast.rms_norm(h, None, ADAPTER_EPS))))
+        rms = mx.sqrt(mx.mean(mx.square(h.astype(mx.float32)), axis=-1, keepdims=True)
+                      + ADAPTER_EPS)  # (..., 1)
+        normed = (h.astype(mx.float32) / rms).astype(h.dtype)
+        delta = self.up(nn.silu(self.down(normed))).astype(mx.float32) * rms
+        return h + delta.astype(h.dtype)
 
 
 class SpecStreamModel(nn.Module):

@@ -42,6 +42,8 @@ class TrainConfig:
     batch_size: int = 4
     max_seq_len: int = 512
     learning_rate: float = 5e-4
+    embedding_lr: Optional[float] = None  # stream embeddings' own rate (None: learning_rate)
+    positions: Optional[int] = None  # cached training: random positions per example and step
     warmup: int = 50
     schedule: str = "cosine"  # or "constant"
     weights: LossWeights = field(default_factory=LossWeights)
@@ -80,8 +82,7 @@ def trainable_names(model: nn.Module) -> List[str]:
     return [k for k, _ in tree_flatten(model.trainable_parameters())]
 
 
-def _schedule(config: TrainConfig):
-    lr = config.learning_rate
+def _schedule(config: TrainConfig, lr: float):
     if config.schedule == "constant":
         main = lr
     elif config.schedule == "cosine":
@@ -93,6 +94,21 @@ def _schedule(config: TrainConfig):
     warm = optim.linear_schedule(lr * 0.01, lr, config.warmup)
     main = main if callable(main) else (lambda step: lr)
     return optim.join_schedules([warm, main], [config.warmup])
+
+
+def make_optimizer(config: TrainConfig) -> optim.Optimizer:
+    """AdamW with the run's schedule; the stream embeddings may get their own rate.
+
+    The table ``P`` is added to residual states of RMS ~10-100 and must move
+    that far, while adapter / LoRA weights act on normalised inputs and want a
+    rate ~1e-3: one rate cannot serve both (``--embedding-lr``).
+    """
+    main = optim.AdamW(learning_rate=_schedule(config, config.learning_rate), weight_decay=0.0)
+    if config.embedding_lr is None:
+        return main
+    table = optim.AdamW(learning_rate=_schedule(config, config.embedding_lr), weight_decay=0.0)
+    # MultiOptimizer: the last optimizer takes what no filter claims.
+    return optim.MultiOptimizer([main, table], [lambda path, _: not path.startswith("stream_embeddings")])
 
 
 def fused_base_weights(model: SpecStreamModel) -> dict:
@@ -199,7 +215,7 @@ def train(
         The last step's figures (``loss``, per-stream loss/accuracy, ``tokens_per_sec``).
     """
     make_trainable(model, config)
-    optimizer = optim.AdamW(learning_rate=_schedule(config), weight_decay=0.0)
+    optimizer = make_optimizer(config)
     start = 0
     if resume is not None:
         optimizer.init(model.trainable_parameters())
@@ -211,7 +227,8 @@ def train(
                     if e.loss_start < min(len(e.tokens), config.max_seq_len) - 1]
         if not examples:
             raise ValueError(f"no example has a completion within --max-seq-len {config.max_seq_len}")
-        objective = CachedLoss(model, precompute(model, examples), config.weights, seed=config.seed)
+        objective = CachedLoss(model, precompute(model, examples), config.weights, seed=config.seed,
+                               positions=config.positions)
         step_fn = nn.value_and_grad(model, objective)
     else:
         step_fn = nn.value_and_grad(model, lambda m, t, k: loss_fn(m, t, k, config.weights))

@@ -101,9 +101,12 @@ def test_lossless_gradients_reach_only_stream_parameters():
     grads = _grads(model, LossWeights())
     assert set(grads) == names
     for name, g in grads.items():
-        if name != "stream_adapters.0.down.weight" and name != "stream_adapters.1.down.weight" \
-                and name != "prune_adapter.down.weight":
-            assert mx.abs(g).max().item() > 0, name  # (down: zero grad while up is zero)
+        if not name.endswith("down.weight"):  # down gets no gradient while its up is zero
+            assert mx.abs(g).max().item() > 0, name
+    for adapter in [model.prune_adapter, *model.stream_adapters]:
+        adapter.up.weight = 0.1 * mx.random.normal(adapter.up.weight.shape)
+    for name, g in _grads(model, LossWeights()).items():
+        assert mx.abs(g).max().item() > 0, name
 
 
 def test_shared_mode_trains_lora_in_top_layers_only():
@@ -145,10 +148,11 @@ def _train_interrupted(monkeypatch, model, examples, config, base_dir, out, at, 
     monkeypatch.setattr(trainer, "save_checkpoint", real_save)
 
 
-def test_resume_continues_identically(tmp_path, base_dir, monkeypatch):
+@pytest.mark.parametrize("embedding_lr", [None, 0.05])
+def test_resume_continues_identically(tmp_path, base_dir, monkeypatch, embedding_lr):
     corpus = _successor_corpus(32)
     config = TrainConfig(iters=6, batch_size=4, max_seq_len=32, learning_rate=5e-3, warmup=2,
-                         report_every=100, save_every=3)
+                         embedding_lr=embedding_lr, report_every=100, save_every=3)
     straight = _model()
     train(straight, corpus, config, base_dir, tmp_path / "a")
     _train_interrupted(monkeypatch, _model(), corpus, config, base_dir, tmp_path / "b", at=3)
@@ -227,6 +231,31 @@ def test_cli_train_resume_and_generate(tmp_path, base_dir):
     assert result.exit_code == 0, result.output
 
 
+def test_cli_train_fresh_streams_over_a_checkpoint(tmp_path, base_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"count {i}", "completion": " 1 2 3 4 5"}) + "\n"
+                            for i in range(8)))
+    runner = CliRunner()
+    ckpt = tmp_path / "ckpt"
+    result = runner.invoke(app, ["init", "--model", str(base_dir), "--out", str(ckpt), "--stream-layers", "2"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "trained"
+    args = ["train", "--model", str(ckpt), "--data", str(data), "--out", str(out),
+            "--adapter-rank", "4", "--batch-size", "2", "--max-seq-len", "32", "--save-every", "2",
+            "--warmup", "1"]
+    # The checkpoint's own streams have no adapters: a silent mismatch would train without them.
+    refused = runner.invoke(app, args + ["--iters", "2"])
+    assert refused.exit_code != 0 and "--fresh-streams" in refused.output
+    assert "--adapter-rank 4 (it has 0)" in refused.output
+    result = runner.invoke(app, args + ["--iters", "2", "--fresh-streams"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "specstream.json").read_text())["stream_adapter_rank"] == 4
+    result = runner.invoke(app, args + ["--iters", "4", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "training_state.json").read_text())["step"] == 4
+    assert json.loads((out / "specstream.json").read_text())["stream_adapter_rank"] == 4
+
+
 def test_rouge_and_exact_match():
     from specstream_mlx.evaluate import exact_match, rouge_l
 
@@ -250,6 +279,10 @@ def test_cached_stream_rows_match_training_forward(family):
     _, streams, _ = train_forward(model, mx.array([tokens]))
     np.testing.assert_allclose(np.array(hidden), np.array(streams[0, mx.array(positions)]),
                                atol=1e-5)
+    # A random subset of positions gives those positions' rows unchanged.
+    some, sampled = stream_hidden(model, main, np.random.default_rng(0).random(6))
+    assert 0 < some.size <= 6 and set(some) <= set(positions)
+    np.testing.assert_allclose(np.array(sampled), np.array(streams[0, mx.array(some)]), atol=1e-5)
 
 
 def test_cached_training_learns_and_resumes(tmp_path, base_dir, monkeypatch):
@@ -280,3 +313,52 @@ def test_cached_training_learns_and_resumes(tmp_path, base_dir, monkeypatch):
     for (name, x), (_, y) in zip(tree_flatten(model.trainable_parameters()),
                                  tree_flatten(resumed.trainable_parameters())):
         np.testing.assert_array_equal(np.array(x), np.array(y), err_msg=name)
+
+
+def test_embedding_lr_applies_to_the_stream_table_only(tmp_path, base_dir):
+    # Adam's first step moves each weight by a fixed multiple of its learning rate
+    # (sqrt(1 - b2) / (1 - b1) ~ 3.2 without bias correction).
+    model = _model()
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    config = TrainConfig(iters=1, batch_size=4, max_seq_len=32, learning_rate=1e-6,
+                         embedding_lr=0.1, warmup=0, schedule="constant", report_every=100,
+                         save_every=100)
+    train(model, _successor_corpus(8), config, base_dir, tmp_path / "out")
+    after = dict(tree_flatten(model.parameters()))
+    table = np.abs(np.array(after["stream_embeddings"]) - before["stream_embeddings"])
+    adapter = np.abs(np.array(after["stream_adapters.0.up.weight"])
+                     - before["stream_adapters.0.up.weight"])
+    assert 0.1 < table.max() < 0.4
+    assert 0 < adapter.max() < 4e-6
+
+
+def test_adapters_act_relative_to_their_rows_scale():
+    # h -> h + rms(h) * f(h / rms(h)) is homogeneous: scaling a row scales its output,
+    # so the same weights matter as much on a residual stream of RMS 20 as of RMS 1.
+    from specstream_mlx.model import ResidualAdapter
+
+    mx.random.seed(0)
+    adapter = ResidualAdapter(64, 8)
+    adapter.up.weight = mx.random.normal(adapter.up.weight.shape) * 0.1
+    h = mx.random.normal((5, 64))
+    small, large = adapter(h), adapter(h * 300.0)
+    np.testing.assert_allclose(np.array(large), 300.0 * np.array(small), rtol=1e-4, atol=1e-3)
+    assert float(mx.abs(small - h).max()) > 0.05
+
+
+def test_distillation_cache_is_reused_and_checked(tmp_path):
+    from mlx_lm.utils import load_tokenizer
+
+    from specstream_mlx.distill import distill
+
+    base_dir = write_base(tmp_path / "base", "llama")
+    model, tokenizer = _model(), load_tokenizer(base_dir)
+    prompts = [Example(tuple(random_prompt(6, seed)), 6) for seed in range(3)]
+    cache = tmp_path / "cache.jsonl"
+    first = distill(model.base, tokenizer, prompts, max_tokens=4, cache_file=cache)
+    # A shorter data set reuses the cache's head; nothing is generated again.
+    again = distill(None, tokenizer, prompts[:2], max_tokens=4, cache_file=cache)
+    assert again == first[:2]
+    other = [Example(tuple(random_prompt(6, 99)), 6)]
+    with pytest.raises(ValueError, match="cache.jsonl:1 holds another prompt"):
+        distill(model.base, tokenizer, other, max_tokens=4, cache_file=cache)
