@@ -67,6 +67,10 @@ def train(
     def run():
         if mode not in (None, "lossless", "shared"):
             raise UsageError(f"--mode must be lossless or shared, got {mode!r}")
+        if positions is not None and positions < 1:
+            raise UsageError(f"--positions must be at least 1, got {positions}")
+        if embedding_lr is not None and embedding_lr <= 0:
+            raise UsageError(f"--embedding-lr must be positive, got {embedding_lr}")
         if out.exists() and not resume:
             raise UsageError(f"{out} exists: pass --resume to continue it, or choose another --out")
         if resume and not (out / STATE_JSON).is_file():
@@ -86,6 +90,12 @@ def train(
             source, settings["gamma"] or 3, settings["stream_layers"] or 4, mode,
             64 if settings["stream_adapter_rank"] is None else settings["stream_adapter_rank"],
             seed, fresh_streams=fresh)
+        shared = ss_model.config.mode == "shared"
+        use_cache = (not shared) if cached is None else cached
+        if use_cache and shared:
+            raise UsageError("--cached works in lossless mode only (shared mode trains the main stream)")
+        if positions is not None and not use_cache:
+            raise UsageError("--positions works with cached training (lossless mode) only")
         examples = load_examples(data, tokenizer)
         if distill:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,20 +107,17 @@ def train(
             val = load_examples(val_data, tokenizer, split="valid")[:4]
             prompts = [list(e.tokens[: e.loss_start or len(e.tokens) // 2]) for e in val]
             validate = lambda m: speed_on_prompts(m, tokenizer, prompts)  # noqa: E731
-        shared = ss_model.config.mode == "shared"
         weights = LossWeights(
             main=main_weight if main_weight is not None else (1.0 if shared else 0.0),
             stream=stream_weight, early_exit=exit_weight,
         )
         config = TrainConfig(
             iters=iters, batch_size=batch_size, max_seq_len=max_seq_len,
-            learning_rate=learning_rate, embedding_lr=embedding_lr, warmup=warmup, schedule=schedule, weights=weights,
+            learning_rate=learning_rate, embedding_lr=embedding_lr, warmup=warmup,
+            schedule=schedule, weights=weights,
             lora_rank=lora_rank, seed=seed, save_every=save_every, positions=positions,
             val_every=val_every if val_data else 0,
         )
-        use_cache = (not shared) if cached is None else cached
-        if use_cache and shared:
-            raise UsageError("--cached works in lossless mode only (shared mode trains the main stream)")
         figures = run_train(ss_model, examples, config, base_dir, out,
                             resume=out if resume else None, validate=validate, cached=use_cache,
                             extra_state={"fresh_streams": fresh})

@@ -244,6 +244,13 @@ def test_cli_train_fresh_streams_over_a_checkpoint(tmp_path, base_dir):
             "--adapter-rank", "4", "--batch-size", "2", "--max-seq-len", "32", "--save-every", "2",
             "--warmup", "1"]
     # The checkpoint's own streams have no adapters: a silent mismatch would train without them.
+    for bad, says in ((["--positions", "0"], "--positions must be at least 1"),
+                      (["--embedding-lr", "0"], "--embedding-lr must be positive"),
+                      (["--positions", "4", "--mode", "shared", "--fresh-streams"],
+                       "--positions works with cached training")):
+        result = runner.invoke(app, args + ["--iters", "2"] + bad)
+        assert result.exit_code != 0 and says in result.output, result.output
+        assert not out.exists()
     refused = runner.invoke(app, args + ["--iters", "2"])
     assert refused.exit_code != 0 and "--fresh-streams" in refused.output
     assert "--adapter-rank 4 (it has 0)" in refused.output
