@@ -104,8 +104,7 @@ def _stream_plan(main: MainStream, gamma: int, sample: Optional[np.ndarray] = No
     first = max(0, main.loss_start - 1 - gamma)
     positions = np.arange(first, length - 1)  # (R,) rows t; stream j predicts t + 1 + j
     if sample is not None and sample.size < positions.size:
-        positions = np.sort(positions[(sample * positions.size).astype(np.int64)])
-        positions = np.unique(positions)
+        positions = np.unique(positions[(sample * positions.size).astype(np.int64)])  # sorted
     rows = positions.size
     stream_pos = (positions[:, None] + np.arange(1, gamma + 1)[None, :]).reshape(-1)  # (R*g,)
     owner = np.repeat(positions, gamma)  # position t of each stream row

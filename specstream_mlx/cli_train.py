@@ -59,9 +59,9 @@ def train(
     from .data import load_examples
     from .distill import distill as run_distill
     from .evaluate import speed_on_prompts
-    from .loading import load_for_training, resolve_path
+    from .config import read_config
+    from .loading import load_for_training
     from .losses import LossWeights
-    from .config import CONFIG_FILE
     from .trainer import STATE_JSON, TrainConfig, train as run_train
 
     def run():
@@ -76,20 +76,15 @@ def train(
         if resume and not (out / STATE_JSON).is_file():
             raise UsageError(f"--resume: {out} holds no training checkpoint")
         source, fresh = model, fresh_streams
-        settings = {"gamma": gamma, "stream_layers": stream_layers, "stream_adapter_rank": adapter_rank}
+        settings = {"gamma": gamma, "stream_layers": stream_layers, "adapter_rank": adapter_rank}
         if resume:  # the checkpoint in --out knows what it was started with
             state = json.loads((out / STATE_JSON).read_text())
             source, fresh = state["base_dir"], state.get("fresh_streams", False)
-            settings = {k: v for k, v in json.loads((out / CONFIG_FILE).read_text()).items()
-                        if k in settings}
-        elif not fresh:
-            source = str(resolve_path(source))
-            if (Path(source) / CONFIG_FILE).is_file():
-                check_stream_settings(Path(source), settings)
+            own = read_config(out)
+            settings = {"gamma": own.gamma, "stream_layers": own.stream_layers,
+                        "adapter_rank": own.stream_adapter_rank}
         ss_model, tokenizer, base_dir = load_for_training(
-            source, settings["gamma"] or 3, settings["stream_layers"] or 4, mode,
-            64 if settings["stream_adapter_rank"] is None else settings["stream_adapter_rank"],
-            seed, fresh_streams=fresh)
+            source, mode=mode, seed=seed, fresh_streams=fresh, **settings)
         shared = ss_model.config.mode == "shared"
         use_cache = (not shared) if cached is None else cached
         if use_cache and shared:
@@ -124,22 +119,6 @@ def train(
         typer.echo(json.dumps(figures, indent=2))
 
     _run(run)
-
-
-def check_stream_settings(checkpoint: Path, settings: dict) -> None:
-    """Refuse stream settings that a checkpoint's own streams contradict."""
-    from .config import CONFIG_FILE
-
-    flags = {"gamma": "--gamma", "stream_layers": "--stream-layers",
-             "stream_adapter_rank": "--adapter-rank"}
-    own = json.loads((checkpoint / CONFIG_FILE).read_text())
-    clash = [f"{flags[k]} {v} (it has {own.get(k)})" for k, v in settings.items()
-             if v is not None and own.get(k) != v]
-    if clash:
-        raise UsageError(
-            f"{checkpoint} is a checkpoint with its own streams; {', '.join(clash)}. "
-            "Pass --fresh-streams to train new streams over its base model."
-        )
 
 
 @app.command("eval")

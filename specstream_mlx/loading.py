@@ -214,38 +214,61 @@ def _new_config(base, gamma, stream_layers, mode, tree, adapter_rank) -> SpecStr
     )
 
 
+#: Stream settings of fresh streams when the caller gives none.
+FRESH_DEFAULTS = {"gamma": 3, "stream_layers": 4, "stream_adapter_rank": 64}
+
+
 def load_for_training(
     path_or_repo: str,
-    gamma: int = 3,
-    stream_layers: int = 4,
+    gamma: Optional[int] = None,
+    stream_layers: Optional[int] = None,
     mode: Optional[str] = None,
-    adapter_rank: int = 0,
+    adapter_rank: Optional[int] = None,
     seed: int = 0,
     fresh_streams: bool = False,
 ):
     """A model to train: a checkpoint's, or a plain model with fresh streams.
 
     Args:
-        path_or_repo: a checkpoint (its stream settings win unless
+        path_or_repo: a checkpoint (it keeps its own streams unless
             ``fresh_streams``) or a plain mlx-lm model.
-        gamma, stream_layers, adapter_rank, seed: for fresh streams.
+        gamma, stream_layers, adapter_rank: settings of fresh streams
+            (``None``: ``FRESH_DEFAULTS``). For a checkpoint's own streams
+            they must be ``None`` or agree with it.
         mode: training mode; ``None`` keeps the checkpoint's (or lossless).
+        seed: for fresh streams.
         fresh_streams: for a checkpoint: keep its base model, replace its
             streams by fresh ones with the settings given here.
 
     Returns:
         ``(model, tokenizer, path)``.
+
+    Raises:
+        CheckpointError: settings that contradict the checkpoint's own streams.
     """
     path = resolve_path(path_or_repo)
     _read_base_config(path)
+    asked = {"gamma": gamma, "stream_layers": stream_layers, "stream_adapter_rank": adapter_rank}
     if (path / CONFIG_FILE).is_file() and not fresh_streams:
+        own = read_config(path)
+        flags = {"gamma": "--gamma", "stream_layers": "--stream-layers",
+                 "stream_adapter_rank": "--adapter-rank"}
+        clash = [f"{flags[k]} {v} (it has {getattr(own, k)})" for k, v in asked.items()
+                 if v is not None and v != getattr(own, k)]
+        if clash:
+            raise CheckpointError(
+                f"{path} is a checkpoint with its own streams; {', '.join(clash)}. "
+                "Pass --fresh-streams (fresh_streams=True) to train new streams over its base model."
+            )
         model, tokenizer = load(str(path))
         if mode is not None and mode != model.config.mode:
             model.config.mode = mode
             model.config.validate()
         return model, tokenizer, path
+    settings = {k: FRESH_DEFAULTS[k] if v is None else v for k, v in asked.items()}
     base, tokenizer, _, family = _load_base(path, None)
-    config = _new_config(base, gamma, stream_layers, mode or "lossless", None, adapter_rank)
+    config = _new_config(base, settings["gamma"], settings["stream_layers"], mode or "lossless",
+                         None, settings["stream_adapter_rank"])
     return fresh_model(base, family, config, seed), tokenizer, path
 
 

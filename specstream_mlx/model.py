@@ -40,10 +40,9 @@ class ResidualAdapter(nn.Module):
         self.up.weight = mx.zeros_like(self.up.weight)
 
     def __call__(self, h: mx.array) -> mx.array:
-        rms = mx.sqrt(mx.mean(mx.square(h.astype(mx.float32)), axis=-1, keepdims=True)
-                      + ADAPTER_EPS)  # (..., 1)
-        normed = (h.astype(mx.float32) / rms).astype(h.dtype)
-        delta = self.up(nn.silu(self.down(normed))).astype(mx.float32) * rms
+        x = h.astype(mx.float32)
+        rms = mx.sqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + ADAPTER_EPS)  # (..., 1)
+        delta = self.up(nn.silu(self.down((x / rms).astype(h.dtype)))).astype(mx.float32) * rms
         return h + delta.astype(h.dtype)
 
 
