@@ -47,8 +47,16 @@ def distill(
         prompts.append(list(example.tokens[:cut]))
     done: List[Example] = []
     if cache_file is not None and cache_file.is_file():
-        for number, line in enumerate(cache_file.read_text().splitlines()[: len(examples)], 1):
-            record = json.loads(line)
+        lines = cache_file.read_text().splitlines()
+        for number, line in enumerate(lines[: len(examples)], 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise ValueError(f"{cache_file}:{number} is not valid JSON; delete the file") from None
+                # A run killed while appending leaves a partial last line: drop it.
+                cache_file.write_text("".join(f"{kept}\n" for kept in lines[: number - 1]))
+                break
             if record["tokens"][: record["loss_start"]] != prompts[number - 1]:
                 raise ValueError(
                     f"{cache_file}:{number} holds another prompt than the data's example "

@@ -366,6 +366,11 @@ def test_distillation_cache_is_reused_and_checked(tmp_path):
     # A shorter data set reuses the cache's head; nothing is generated again.
     again = distill(None, tokenizer, prompts[:2], max_tokens=4, cache_file=cache)
     assert again == first[:2]
+    # A run killed mid-append leaves a partial last line: it is dropped and redone.
+    cache.write_text("".join(f"{line}\n" for line in cache.read_text().splitlines()[:2])
+                     + '{"tokens": [1, 2')
+    assert distill(model.base, tokenizer, prompts, max_tokens=4, cache_file=cache) == first
+    assert len(cache.read_text().splitlines()) == 3
     other = [Example(tuple(random_prompt(6, 99)), 6)]
     with pytest.raises(ValueError, match="cache.jsonl:1 holds another prompt"):
         distill(model.base, tokenizer, other, max_tokens=4, cache_file=cache)
