@@ -35,6 +35,7 @@ from .bench_prompts import BenchError, load_prompts
 from .bench_report import summarize
 from .decode import TreeSettings
 from .generate import max_context, stream_generate
+from .runtime import tree_settings
 from .tree import build_tree
 
 METHODS = ("ar", "ss", "ss-chain", "pld", "draft")
@@ -210,12 +211,7 @@ def _load_baselines(settings: BenchSettings, methods: Sequence[str], model, toke
 
 def ss_tree(settings: BenchSettings, config) -> TreeSettings:
     """The ``ss`` tree: the settings' overrides over the checkpoint's defaults."""
-    d = config.tree
-    widths = tuple(settings.tree_widths or d.widths)
-    nodes = settings.max_nodes if settings.max_nodes is not None else (
-        None if settings.tree_widths else d.max_nodes)
-    prune = settings.prune_threshold if settings.prune_threshold is not None else d.prune_threshold
-    return TreeSettings(widths[: config.gamma], nodes, prune)
+    return tree_settings(config, settings.tree_widths, settings.max_nodes, settings.prune_threshold)
 
 
 def make_runners(settings: BenchSettings, methods, model, tokenizer, base, draft) -> Dict[str, Callable]:

@@ -20,13 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import _blas
-
-
-def backend() -> str:
-    """``"cpu"``, ``"gpu-metal"`` or ``"gpu-cuda"``: where MLX runs by default."""
-    if mx.default_device().type != mx.DeviceType.gpu:
-        return "cpu"
-    return "gpu-metal" if mx.metal.is_available() else "gpu-cuda"
+from .runtime import backend
 
 
 def _version(package: str) -> Optional[str]:

@@ -132,14 +132,31 @@ def format_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_sweep(results: dict) -> str:
-    """Sweep section: every tree setting by speedup, best first."""
+def _sweep_rows(results: dict) -> list:
+    """``(median speedup or -1, sweep item, method entry)`` per sweep setting, fastest first."""
     rows = []
     for item in results["sweep"]:
         e = results["methods"][item["name"]]
         speed = (e["speedup"] or {}).get("median")
         rows.append((speed if speed is not None else -1.0, item, e))
-    rows.sort(key=lambda r: -r[0])
+    return sorted(rows, key=lambda r: -r[0])
+
+
+def best_sweep(results: dict) -> Optional[dict]:
+    """The sweep setting with the highest median speedup over ``ar``, or ``None``.
+
+    A setting whose greedy output had to equal ``ar``'s and did not is never
+    chosen (that would be a bug to fix, not a tree to keep).
+    """
+    for speed, item, entry in _sweep_rows(results):
+        if speed >= 0 and not (entry["must_equal_ar"] and entry["equal_to_ar"] is False):
+            return {**item, "speedup": speed}
+    return None
+
+
+def format_sweep(results: dict) -> str:
+    """Sweep section: every tree setting by speedup, best first."""
+    rows = _sweep_rows(results)
     lines = ["## Tree sweep (ss)", "",
              "| widths | max nodes | tree rows | tok/s median | speedup median | tokens/forward |",
              "|---|---|---|---|---|---|"]
@@ -148,11 +165,12 @@ def format_sweep(results: dict) -> str:
                      f"| {item['nodes']} | {_num(e['tps']['median'])} "
                      f"| {_num(speed if speed >= 0 else None, 2, 'x')} "
                      f"| {_num(e['tokens_per_forward'], 2)} |")
-    if rows and rows[0][0] >= 0:
-        best = rows[0][1]
+    best = best_sweep(results)
+    if best is not None:
         flag = f"--tree-width {','.join(map(str, best['widths']))}"
         flag += f" --max-nodes {best['max_nodes']}" if best["max_nodes"] else ""
-        lines += ["", f"best on this machine: `{flag}` ({rows[0][0]:.2f}x over ar)"]
+        lines += ["", f"best on this machine: `{flag}` ({best['speedup']:.2f}x over ar); "
+                  "`--save-tree` stores it in the checkpoint for this backend"]
     return "\n".join(lines)
 
 

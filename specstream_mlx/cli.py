@@ -122,7 +122,6 @@ def generate(
     verbose: bool = typer.Option(False, "--verbose", help="Print backend, BLAS and dtype."),
 ):
     """Generate text, printing it as it comes, then the statistics."""
-    from .decode import TreeSettings
 
     def run():
         check_decode_options(max_tokens, temp, max_nodes)
@@ -131,14 +130,10 @@ def generate(
         from .generate import format_stats, stream_generate
         from .loading import load
         from .prompts import format_prompt
+        from .runtime import tree_settings
 
         ss_model, tokenizer = load(model_or_default(model))
-        defaults = ss_model.config.tree
-        tree = TreeSettings(
-            widths or tuple(defaults.widths),
-            max_nodes if max_nodes is not None else (None if widths else defaults.max_nodes),
-            prune_threshold if prune_threshold is not None else defaults.prune_threshold,
-        )
+        tree = tree_settings(ss_model.config, widths, max_nodes, prune_threshold)
         if verbose:
             typer.echo(describe_runtime(ss_model), err=True)
         full = format_prompt(tokenizer, text, system_prompt, ignore_chat_template)

@@ -37,6 +37,20 @@ def _command_line(ctx: typer.Context) -> str:
     return shlex.join(parts)
 
 
+def _save_best_tree(results: dict, model_dir: Path) -> None:
+    from .bench_report import best_sweep
+    from .config import TreeDefaults, save_backend_tree
+
+    best = best_sweep(results)
+    if best is None:
+        raise UsageError("--save-tree: no sweep setting has a measured speedup; nothing saved")
+    backend = results["environment"]["backend"]
+    tree = TreeDefaults(tuple(best["widths"]), best["max_nodes"], best["prune_threshold"])
+    save_backend_tree(model_dir, backend, tree)
+    typer.echo(f"saved tree {','.join(map(str, tree.widths))} (max nodes {tree.max_nodes or 'all'}, "
+               f"{best['speedup']:.2f}x over ar) as the {backend} default in {model_dir}")
+
+
 @app.command()
 def bench(
     ctx: typer.Context,
@@ -58,6 +72,7 @@ def bench(
     sweep: bool = typer.Option(False, "--sweep", help="Also run ss over a grid of tree settings."),
     sweep_widths: str = typer.Option(_SWEEP_WIDTHS, "--sweep-widths", help="Sweep tree widths, ';'-separated."),
     sweep_max_nodes: str = typer.Option(_SWEEP_NODES, "--sweep-max-nodes", help="Sweep node caps (0: none)."),
+    save_tree: bool = typer.Option(False, "--save-tree", help="With --sweep: store the fastest tree in the checkpoint as this backend's default."),
     warmup_tokens: int = typer.Option(16, "--warmup-tokens", help="Tokens of the warm-up run per method."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System message for every prompt."),
     ignore_chat_template: bool = typer.Option(False, "--ignore-chat-template", help="Use the raw prompts."),
@@ -82,6 +97,11 @@ def bench(
         if chosen is None:
             chosen = ["ar"] if sweep else None
         grid_widths, grid_nodes = _parse_sweep(sweep_widths, sweep_max_nodes) if sweep else ((), ())
+        if save_tree and not sweep:
+            raise UsageError("--save-tree keeps the best tree of a sweep: add --sweep")
+        if save_tree and not Path(model).is_dir():
+            raise UsageError(f"--save-tree writes into a local checkpoint folder; {model!r} is not "
+                             "one (download it, e.g. with `huggingface-cli download`, and pass the folder)")
         settings = BenchSettings(
             model=model, data=data, num_prompts=num_prompts, max_tokens=max_tokens, temp=temp,
             top_p=top_p, seed=seed, tree_widths=_parse_widths(tree_width), max_nodes=max_nodes,
@@ -99,5 +119,7 @@ def bench(
         typer.echo(f"wrote {', '.join(str(v) for k, v in files.items() if k != 'plot_skipped')}")
         if "plot_skipped" in files:
             typer.echo(f"note: {files['plot_skipped']}", err=True)
+        if save_tree:
+            _save_best_tree(results, Path(model))
 
     _run(run)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 FORMAT_VERSION = 2  # 2: adapters scale with their row's RMS
 CONFIG_FILE = "specstream.json"
 WEIGHTS_FILE = "specstream.safetensors"
 MODES = ("lossless", "shared")
+BACKENDS = ("cpu", "gpu-metal", "gpu-cuda")  # keys of ``tree_by_backend``
 
 
 class CheckpointError(ValueError):
@@ -46,7 +48,11 @@ class SpecStreamConfig:
         stream_adapter_rank: rank of the residual adapters that act on stream
             rows only, one before each multi-stream layer (0: none).
         hidden_size, vocab_size, num_layers: of the base model, checked at load.
-        tree: default tree settings.
+        tree: default tree settings, used on a backend without its own entry.
+        tree_by_backend: tree settings measured best on one backend (a key of
+            ``BACKENDS``), written by ``specstream-mlx bench --sweep --save-tree``:
+            the best tree is wide on a GPU, where extra rows are nearly free,
+            and a short chain on a CPU, where every row costs compute.
         format_version: of this file.
     """
 
@@ -59,7 +65,12 @@ class SpecStreamConfig:
     vocab_size: int = 0
     num_layers: int = 0
     tree: TreeDefaults = field(default_factory=TreeDefaults)
+    tree_by_backend: Dict[str, TreeDefaults] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    def default_tree(self, backend: str) -> TreeDefaults:
+        """The tree settings for ``backend``: its own entry, else ``tree``."""
+        return self.tree_by_backend.get(backend, self.tree)
 
     def validate(self) -> None:
         """Raise ``CheckpointError`` on settings that cannot work."""
@@ -74,14 +85,19 @@ class SpecStreamConfig:
             )
         if self.stream_adapter_rank < 0 or self.prune_rank < 1:
             raise CheckpointError("adapter ranks must be positive (stream adapters: >= 0)")
-        if len(self.tree.widths) > self.gamma:
+        unknown = set(self.tree_by_backend) - set(BACKENDS)
+        if unknown:
             raise CheckpointError(
-                f"tree depth {len(self.tree.widths)} exceeds gamma={self.gamma}"
+                f"tree_by_backend has unknown backends {sorted(unknown)}; known: {BACKENDS}"
             )
+        for tree in (self.tree, *self.tree_by_backend.values()):
+            if len(tree.widths) > self.gamma:
+                raise CheckpointError(f"tree depth {len(tree.widths)} exceeds gamma={self.gamma}")
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["tree"]["widths"] = list(self.tree.widths)
+        for tree in (data["tree"], *data["tree_by_backend"].values()):
+            tree["widths"] = list(tree["widths"])
         return data
 
     @classmethod
@@ -96,11 +112,14 @@ class SpecStreamConfig:
         unknown = set(data) - known
         if unknown:
             raise CheckpointError(f"{CONFIG_FILE} has unknown keys {sorted(unknown)}")
-        tree = data.get("tree", {})
+        def tree_defaults(tree: dict) -> TreeDefaults:
+            return TreeDefaults(**{**tree, "widths": tuple(tree.get("widths", (3, 2, 1)))})
+
         try:
-            tree = TreeDefaults(**{**tree, "widths": tuple(tree.get("widths", (3, 2, 1)))})
-            return cls(**{**data, "tree": tree})
-        except TypeError as exc:
+            by_backend = data.get("tree_by_backend", {})
+            return cls(**{**data, "tree": tree_defaults(data.get("tree", {})),
+                          "tree_by_backend": {k: tree_defaults(v) for k, v in by_backend.items()}})
+        except (TypeError, AttributeError) as exc:
             raise CheckpointError(f"{CONFIG_FILE} is malformed: {exc}") from None
 
 
@@ -122,4 +141,25 @@ def read_config(model_dir: Path) -> SpecStreamConfig:
 
 
 def write_config(config: SpecStreamConfig, model_dir: Path) -> None:
-    (Path(model_dir) / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    """Write ``specstream.json`` into ``model_dir`` atomically (a temporary file, renamed)."""
+    path = Path(model_dir) / CONFIG_FILE
+    tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_backend_tree(model_dir: Path, backend: str, tree: TreeDefaults) -> SpecStreamConfig:
+    """Store ``tree`` as the default for ``backend`` in the checkpoint at ``model_dir``.
+
+    Raises:
+        CheckpointError: ``model_dir`` is not a checkpoint, ``backend`` is unknown
+            or the tree is deeper than the checkpoint's streams.
+    """
+    config = read_config(model_dir)
+    config.tree_by_backend = {**config.tree_by_backend, backend: tree}
+    config.validate()
+    write_config(config, model_dir)
+    return config

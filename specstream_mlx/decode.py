@@ -77,12 +77,14 @@ class Draft:
         tokens: ``(tree.size - 1,)`` drafted tokens of nodes ``1..``, an
             ``mx.array`` (it may stay on the device).
         prune: early-exit pruning of the tree, or ``None``.
+        streams: streams to run per node (``forward``'s ``streams``; ``None``: all).
     """
 
     tree: Tree
     rows: Rows
     tokens: mx.array
     prune: Optional[PruneSettings] = None
+    streams: Optional[int] = None
 
 
 class Drafter(Protocol):
@@ -181,9 +183,12 @@ class StreamDrafter:
         if tree.prune_threshold is not None:
             self.prune = PruneSettings(tree.prune_threshold, tree.prune_max_keep)
         self.table = None
+        # a tree of depth d reads streams 1..d only; lossless mode can skip the rest
+        lossless = model.config.mode == "lossless"
+        self.streams = max(self.depth, 1) if lossless else None
 
     def propose(self, history: List[int], budget: int) -> Draft:
-        return Draft(self.shape, self.rows, self.table[self.index], self.prune)
+        return Draft(self.shape, self.rows, self.table[self.index], self.prune, self.streams)
 
     def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
         slot = int(out.stream_slot[node])
@@ -211,20 +216,23 @@ class PlainDrafter:
         pass
 
 
-def _prefill(model, prompt, cache, step_size, shared, speculative) -> ForwardOutput:
+def _prefill(model, prompt, cache, step_size, shared, speculative,
+             streams: Optional[int] = None) -> ForwardOutput:
     """Run the prompt in chunks, committing each; return the last chunk's output."""
     n = len(prompt)
     start = 0
     while True:
         end = min(n, start + step_size)
         size = end - start
+        count = None if shared else streams
         if shared:
-            streams = np.arange(size)
+            nodes = np.arange(size)
         elif speculative and end == n:
-            streams = np.array([size - 1])
+            nodes = np.array([size - 1])
         else:
-            streams = None
-        out = forward(model, mx.array(prompt[start:end]), chain_rows(size, streams), cache)
+            nodes = None
+        out = forward(model, mx.array(prompt[start:end]), chain_rows(size, nodes), cache,
+                      streams=count if nodes is not None else None)
         commit(cache, np.arange(size), None, model.num_layers)
         if end == n:
             return out
@@ -275,7 +283,8 @@ def decode(
 
     cache = make_cache(model.num_layers)
     history = list(prompt)
-    out = _prefill(model, history, cache, prefill_step_size, shared, drafter.uses_streams)
+    out = _prefill(model, history, cache, prefill_step_size, shared, drafter.uses_streams,
+                   getattr(drafter, "streams", None))
     root = _choose(logits(model, out.main_hidden[-1]), sampling)
     drafter.observe(out, out.main_hidden.shape[0] - 1)
     mx.eval(root)
@@ -288,7 +297,8 @@ def decode(
         tokens = root.reshape(1)
         if draft.tree.size > 1:
             tokens = mx.concatenate([tokens, draft.tokens.astype(tokens.dtype)])
-        out = forward(model, tokens, draft.rows, cache, tree=draft.tree, prune=draft.prune)
+        out = forward(model, tokens, draft.rows, cache, tree=draft.tree, prune=draft.prune,
+                      streams=draft.streams)
         kept = out.kept
         topo = draft.tree if kept is None else subtree(draft.tree, kept)
         step_logits, stream_logits = _head(model, out, drafter.stream_logits_depth)  # (K, V), (S, depth, V) or None

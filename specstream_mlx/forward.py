@@ -43,7 +43,8 @@ class ForwardOutput:
 
     Attributes:
         main_hidden: ``(K, H)`` for the main rows that reached the top layers.
-        stream_hidden: ``(S, gamma, H)`` for the stream rows, or ``None``.
+        stream_hidden: ``(S, streams, H)`` for the stream rows (``streams``: the
+            forward's, ``gamma`` by default), or ``None``.
         kept: sorted indices of the main rows kept by pruning, or ``None`` (all).
         stream_slot: ``(K,)`` slot of each kept row in ``stream_hidden`` (-1: none).
     """
@@ -113,6 +114,7 @@ def forward(
     *,
     tree: Optional[Tree] = None,
     prune: Optional[PruneSettings] = None,
+    streams: Optional[int] = None,
 ) -> ForwardOutput:
     """Run the model on new rows, writing their keys/values as pending in ``cache``.
 
@@ -126,6 +128,11 @@ def forward(
         tree: the draft tree's topology (``rows`` must be its rows), needed
             only for pruning.
         prune: pruning settings, or ``None``.
+        streams: run only streams ``1..streams`` of each stream node (lossless
+            mode only; default: all ``gamma``). Exact: stream ``j`` sees streams
+            ``1..j`` of its node and main rows only, and in lossless mode no main
+            row sees a stream, so dropping the deeper streams changes nothing
+            else. A tree of depth ``d < gamma`` needs just ``d``.
 
     Returns:
         A ``ForwardOutput``.
@@ -133,6 +140,9 @@ def forward(
     config = model.config
     gamma, split = config.gamma, model.first_stream_layer
     shared = config.mode == "shared"
+    if streams is not None:
+        assert 1 <= streams <= gamma and (streams == gamma or not shared), streams
+        gamma = streams
 
     h = embed(model.family, model.base, tokens[None])  # (1, M, H)
     h = run_layers(
@@ -160,9 +170,9 @@ def forward(
 
     n_main, n_stream = rows.size, rows.stream_nodes.shape[0]
     if n_stream:
-        table = model.stream_embeddings.astype(h.dtype)  # (gamma, H)
-        streams = h[:, mx.array(rows.stream_nodes)][:, :, None, :] + table  # (1, S, gamma, H)
-        h = mx.concatenate([h, streams.reshape(1, n_stream * gamma, -1)], axis=1)
+        table = model.stream_embeddings[:gamma].astype(h.dtype)  # (gamma, H)
+        stream_rows = h[:, mx.array(rows.stream_nodes)][:, :, None, :] + table  # (1, S, gamma, H)
+        h = mx.concatenate([h, stream_rows.reshape(1, n_stream * gamma, -1)], axis=1)
         block = msa_block(rows, gamma, shared)
         positions = row_positions(rows, gamma, with_streams=True)
         is_chain = False

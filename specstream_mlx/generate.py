@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from .decode import ContextOverflowError, Drafter, TreeSettings, decode
 from .model import SpecStreamModel
+from .runtime import tree_settings
 from .verify import SamplingParams
 
 
@@ -123,8 +124,7 @@ def stream_generate(
     sampling = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     tokens = encode_prompt(tokenizer, prompt)
     if tree is None:
-        d = model.config.tree
-        tree = TreeSettings(tuple(d.widths), d.max_nodes, d.prune_threshold)
+        tree = tree_settings(model.config)
     if seed is not None:
         mx.random.seed(seed)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])

@@ -8,7 +8,9 @@ from typer.testing import CliRunner
 from helpers import write_base, write_tokenizer
 from specstream_mlx.bench import BenchError, Run, _steps_from_flags, parse_methods, sweep_settings
 from specstream_mlx.bench_prompts import load_prompts
-from specstream_mlx.bench_report import summarize
+from specstream_mlx.bench_report import best_sweep, summarize
+from specstream_mlx.config import CheckpointError, TreeDefaults, read_config, save_backend_tree
+from specstream_mlx.runtime import tree_settings
 from specstream_mlx.cli import app
 from specstream_mlx.loading import init_checkpoint
 
@@ -122,6 +124,66 @@ def test_sweep_reports_every_setting(checkpoint, data, tmp_path):
     assert "## Tree sweep (ss)" in result.output and "best on this machine: `--tree-width" in result.output
 
 
+def test_sweep_save_tree_sets_this_backends_default(checkpoint, data, tmp_path):
+    import shutil
+
+    model = shutil.copytree(checkpoint, tmp_path / "ss")
+    result = _bench(["--model", model, "--data", data, "--max-tokens", 8, "--num-prompts", 1,
+                     "--sweep", "--sweep-widths", "1;2,2", "--sweep-max-nodes", "0",
+                     "--warmup-tokens", 2, "--out", tmp_path / "out", "--save-tree"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    best = best_sweep(results)
+    assert best["speedup"] == max(results["methods"][s["name"]]["speedup"]["median"]
+                                  for s in results["sweep"])
+    config = read_config(model)
+    saved = TreeDefaults(tuple(best["widths"]), best["max_nodes"], None)
+    assert config.tree_by_backend == {"cpu": saved}
+    assert config.tree == read_config(checkpoint).tree  # the fallback is untouched
+    assert f"as the cpu default in {model}" in result.output
+    # the saved tree is what decoding on the CPU now uses; other backends keep the fallback
+    assert tree_settings(config).widths == saved.widths
+    assert tree_settings(config, on="gpu-cuda").widths == (3, 2, 1)
+    assert tree_settings(config, widths=(1, 1)).widths == (1, 1)  # an explicit tree still wins
+    rerun = _bench(["--model", model, "--data", data, "--max-tokens", 4, "--num-prompts", 1,
+                    "--methods", "ss", "--warmup-tokens", 1, "--out", tmp_path / "out2"])
+    assert rerun.exit_code == 0, rerun.output
+    tree = json.loads((tmp_path / "out2" / "results.json").read_text())["settings"]["tree"]
+    assert tree["widths"] == list(saved.widths) and tree["max_nodes"] == saved.max_nodes
+    hub = _bench(["--model", "org/some-model", "--data", data, "--sweep", "--save-tree",
+                  "--out", tmp_path / "out3"])
+    assert hub.exit_code == 2 and "local checkpoint folder" in hub.output
+
+
+def test_best_sweep_never_picks_a_lossless_mismatch():
+    def entry(speed, equal):
+        return {"speedup": {"median": speed}, "must_equal_ar": True, "equal_to_ar": equal}
+
+    results = {"sweep": [{"name": "ss a", "widths": [1]}, {"name": "ss b", "widths": [2]}],
+               "methods": {"ss a": entry(1.5, True), "ss b": entry(2.0, False)}}
+    assert best_sweep(results)["name"] == "ss a"
+    results["methods"]["ss a"] = entry(None, True)
+    assert best_sweep(results) is None
+
+
+def test_backend_trees_are_checked(checkpoint, tmp_path):
+    import shutil
+
+    model = shutil.copytree(checkpoint, tmp_path / "ss")
+    with pytest.raises(CheckpointError, match="unknown backends"):
+        save_backend_tree(model, "tpu", TreeDefaults((1,), None, None))
+    with pytest.raises(CheckpointError, match="exceeds gamma=3"):
+        save_backend_tree(model, "gpu-cuda", TreeDefaults((1, 1, 1, 1), None, None))
+    assert read_config(model).tree_by_backend == {}  # a refused tree is not written
+    save_backend_tree(model, "gpu-cuda", TreeDefaults((4, 2, 1), 24, None))
+    assert read_config(model).default_tree("gpu-cuda") == TreeDefaults((4, 2, 1), 24, None)
+    config = json.loads((model / "specstream.json").read_text())
+    config["tree_by_backend"] = {"cpu": [1, 1]}
+    (model / "specstream.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="malformed"):
+        read_config(model)
+
+
 def test_sweep_settings_cut_to_gamma_and_dedupe():
     # (3,2,1) capped at 4 is the chain (1,1,1); a cap of 100 is no cap
     got = sweep_settings([(3, 2, 1, 1), (1, 1, 1)], [4, 100, None], gamma=3)
@@ -213,6 +275,7 @@ def test_prompt_longer_than_context_fails(checkpoint, tmp_path):
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
     (["--num-prompts", "0"], "--num-prompts must be at least 1"),
     (["--sweep", "--sweep-max-nodes", "x"], "--sweep-max-nodes takes integers"),
+    (["--save-tree"], "--save-tree keeps the best tree of a sweep: add --sweep"),
 ])
 def test_bad_options_are_usage_errors(checkpoint, data, tmp_path, args, message):
     result = _bench(["--model", checkpoint, "--data", data, "--out", tmp_path, *args])

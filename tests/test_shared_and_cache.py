@@ -70,6 +70,28 @@ def test_commit_then_next_logits_match_sequential(family):
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("streams", [1, 2])
+def test_fewer_streams_are_the_first_streams_exactly(streams):
+    # Lossless mode: stream j sees main rows and streams 1..j only, so running
+    # streams 1..d gives the same rows (and main rows) as running all gamma.
+    model = ss_model("llama", gamma=3, adapter_rank=4)
+    prompt = random_prompt(10, seed=8)
+    tree = build_tree((2, 1))
+    tokens = mx.array(prompt[-1:] + [4, 5, 6, 7])
+    outs = []
+    for count in (None, streams):
+        cache = make_cache(model.num_layers)
+        forward(model, mx.array(prompt[:-1]), chain_rows(9, [8]), cache, streams=count)
+        commit(cache, np.arange(9), None, model.num_layers)
+        outs.append(forward(model, tokens, tree_rows(tree), cache, streams=count))
+    full, few = outs
+    assert few.stream_hidden.shape == (tree.size, streams, full.stream_hidden.shape[-1])
+    np.testing.assert_allclose(np.array(few.stream_hidden), np.array(full.stream_hidden[:, :streams]),
+                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.array(few.main_hidden), np.array(full.main_hidden),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_commit_with_pruning_maps_rows():
     model = ss_model("llama")
     prompt = random_prompt(12, seed=6)

@@ -83,7 +83,7 @@ def default_tree_size(config, sizes: Sequence[int]) -> int:
     """The enumerated size closest to the checkpoint's default tree (ties: the smaller)."""
     from ..tree import build_tree
 
-    tree = config.tree
+    tree = config.default_tree("gpu-metal")  # Core ML runs on Apple silicon
     depth = max(1, min(len(tree.widths), config.gamma))
     nodes = build_tree(tuple(tree.widths[:depth]), tree.max_nodes).size
     return min(sizes, key=lambda s: (abs(s - nodes), s))
@@ -147,7 +147,8 @@ class _NoBackend:
 def layout_for(model, sizes: Sequence[int], max_context: int, eos=()) -> Layout:
     """The host layout of an export of ``model`` (what its metadata will say)."""
     config = model.config
-    trees = {s: tree_for_size(config.tree.widths, config.gamma, s) for s in sizes}
+    widths = config.default_tree("gpu-metal").widths  # Core ML runs on Apple silicon
+    trees = {s: tree_for_size(widths, config.gamma, s) for s in sizes}
     return Layout(
         gamma=config.gamma, max_context=max_context, commit_slots=config.gamma + 1,
         vocab_size=config.vocab_size, tree_sizes=tuple(sizes), trees=trees,

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Shared-mode SS (LoRA on the top 4 layers + streams) vs a plain LoRA fine-tune
+# by mlx-lm (same rank, layers, steps, batch, lr schedule) vs the base model,
+# on one task: quality (ROUGE-L for dialogsum, SQL exact match for spider) and
+# tokens per forward from `specstream-mlx eval`.
+# Usage (from the repo root): bash scripts/task_compare.sh dialogsum|spider
+#   env: WORK=work ITERS=80 N=20 SHARED=../shared BASELINE=1 (0: skip plain LoRA)
+set -euo pipefail
+TASK=${1:?usage: bash scripts/task_compare.sh dialogsum|spider}
+case $TASK in
+  dialogsum) METRIC=rouge; LEN=384; TOKENS=64 ;;
+  spider) METRIC=exact; LEN=512; TOKENS=96 ;;
+  *) echo "unknown task $TASK: dialogsum or spider" >&2; exit 2 ;;
+esac
+WORK=${WORK:-work}; ITERS=${ITERS:-80}; N=${N:-20}; SHARED=${SHARED:-../shared}; BASELINE=${BASELINE:-1}
+S=.venv/bin/specstream-mlx; PY=.venv/bin/python
+D=$WORK/$TASK; O=$WORK/${TASK}_out; mkdir -p "$O"
+M=$($PY -c "from specstream_mlx.convert.default_model import default_model_path as p; print(p(quiet=True))")
+$PY scripts/build_task_data.py "$TASK" "$SHARED" "$D"
+[ -d "$O/ss_shared" ] || $S train --model "$M" --fresh-streams --mode shared --adapter-rank 0 \
+  --lora-rank 32 --data "$D" --out "$O/ss_shared" --iters "$ITERS" --batch-size 4 \
+  --max-seq-len "$LEN" --learning-rate 1e-3 --embedding-lr 0.05 --warmup 10 --save-every "$ITERS"
+runs=("base:$M" "ss_shared:$O/ss_shared")
+if [ "$BASELINE" = 1 ]; then
+  cat > "$O/lora.yaml" <<YAML
+lora_parameters: {rank: 32, scale: 2.0, dropout: 0.0}
+lr_schedule: {name: cosine_decay, warmup: 10, warmup_init: 1.0e-5, arguments: [1.0e-3, $((ITERS - 10)), 1.0e-4]}
+YAML
+  [ -d "$O/lora_adapters" ] || $PY -m mlx_lm lora --model "$M" --train --data "$D" --num-layers 4 \
+    --iters "$ITERS" --batch-size 4 --learning-rate 1e-3 --mask-prompt --max-seq-length "$LEN" \
+    -c "$O/lora.yaml" --adapter-path "$O/lora_adapters" --steps-per-eval 100000 --val-batches 1
+  [ -d "$O/lora_fused" ] || $PY -m mlx_lm fuse --model "$M" --adapter-path "$O/lora_adapters" \
+    --save-path "$O/lora_fused"
+  $S init --model "$O/lora_fused" --out "$O/lora_ss" --overwrite
+  runs+=("lora:$O/lora_ss")
+fi
+for run in "${runs[@]}"; do
+  name=${run%%:*}
+  $S eval --model "${run#*:}" --data "$D/test.jsonl" --metric "$METRIC" --num "$N" -m "$TOKENS" \
+    --out "$O/eval_$name.json" > /dev/null
+  echo "$name: $(tr -d '\n ' < "$O/eval_$name.json")"
+done
