@@ -8,6 +8,7 @@ lines from FIRST_LINE on, counted from 0, are scored.)
 import json
 import sys
 
+import specstream_mlx  # noqa: F401  (first: it loads OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 

@@ -135,7 +135,7 @@ def generate(
         ss_model, tokenizer = load(model_or_default(model))
         tree = tree_settings(ss_model.config, widths, max_nodes, prune_threshold)
         if verbose:
-            typer.echo(describe_runtime(ss_model), err=True)
+            typer.echo(describe_runtime(ss_model, tree), err=True)
         full = format_prompt(tokenizer, text, system_prompt, ignore_chat_template)
         last = None
         for last in stream_generate(
@@ -234,21 +234,23 @@ from .convert.cli import convert_command  # noqa: E402
 app.command("convert")(convert_command)
 
 
-def describe_runtime(model) -> str:
-    """Backend, BLAS and dtype, for ``--verbose``."""
+def describe_runtime(model, tree=None) -> str:
+    """Backend, BLAS, dtype and the tree in use, for ``--verbose``."""
     import mlx.core as mx
 
+    from .runtime import backend
 
-    device = mx.default_device()
-    backend = "cpu"
-    if device == mx.gpu:
-        backend = "gpu-metal" if mx.metal.is_available() else "gpu-cuda"
     dtype = model.base.model.norm.weight.dtype
-    return (
-        f"[specstream-mlx] mlx {mx.__version__}, backend {backend}, dtype {dtype}, "
+    text = (
+        f"[specstream-mlx] mlx {mx.__version__}, backend {backend()}, dtype {dtype}, "
         f"{_blas.describe()}, gamma={model.config.gamma}, "
         f"stream layers={model.config.stream_layers}, mode={model.config.mode}"
     )
+    if tree is not None:
+        own = backend() in model.config.tree_by_backend
+        text += (f", tree {','.join(map(str, tree.widths))} max nodes {tree.max_nodes or 'all'}"
+                 f" (checkpoint default: {'this backend' if own else 'fallback'})")
+    return text
 
 
 def main(argv: Optional[List[str]] = None) -> None:

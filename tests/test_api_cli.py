@@ -110,6 +110,7 @@ def test_cli_end_to_end(tmp_path):
     spec = subprocess.run(cmd + args, capture_output=True, text=True)
     assert spec.returncode == 0, spec.stderr
     assert "tokens per forward" in spec.stdout and "backend cpu" in spec.stderr
+    assert "tree 3,2,1 max nodes 16 (checkpoint default: fallback)" in spec.stderr
     figures = json.loads(stats.read_text())
     assert figures["generation_tokens"] == 16 and figures["forwards"] >= 1
     plain = subprocess.run(cmd + args + ["--no-spec"], capture_output=True, text=True)

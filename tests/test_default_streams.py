@@ -39,15 +39,16 @@ def default(tmp_path_factory):
                    for p in PROMPTS]
 
 
-@pytest.mark.parametrize("widths", [(1, 1, 1), (3, 2, 1)])
+@pytest.mark.parametrize("widths", [(1,), (1, 1, 1), (3, 2, 1)])
 def test_default_streams_are_lossless_and_draft(default, widths):
     model, prompts = default
     assert model.config.stream_adapter_rank > 0  # the trained streams, not fresh ones
+    assert "cpu" in model.config.tree_by_backend  # a tree measured on the CPU ships with them
     emitted = forwards = 0
     for prompt in prompts:
         tokens, steps = decode_tokens(model, prompt, 32, tree=TreeSettings(widths, None))
         assert tokens == reference_tokens(model.base, prompt, 32)
         emitted += sum(len(s.tokens) for s in steps[1:])
         forwards += len(steps) - 1
-    # Fresh streams draft ~1.0 tokens per forward; the shipped ones measured 1.3-1.5.
+    # Fresh streams draft ~1.0 tokens per forward; the shipped ones measured 1.27-1.56.
     assert emitted / forwards > 1.15, emitted / forwards
