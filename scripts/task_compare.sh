@@ -14,6 +14,8 @@ case $TASK in
 esac
 WORK=${WORK:-work}; ITERS=${ITERS:-80}; N=${N:-20}; SHARED=${SHARED:-../shared}; BASELINE=${BASELINE:-1}
 S=.venv/bin/specstream-mlx; PY=.venv/bin/python
+# mlx-lm's own CLI, with OpenBLAS loaded before mlx as specstream-mlx does (else MLX's slow reference BLAS)
+MLX_LM=($PY -c "import specstream_mlx, runpy; runpy.run_module('mlx_lm', run_name='__main__')")
 D=$WORK/$TASK; O=$WORK/${TASK}_out; mkdir -p "$O"
 M=$($PY -c "from specstream_mlx.convert.default_model import default_model_path as p; print(p(quiet=True))")
 $PY scripts/build_task_data.py "$TASK" "$SHARED" "$D"
@@ -26,10 +28,10 @@ if [ "$BASELINE" = 1 ]; then
 lora_parameters: {rank: 32, scale: 2.0, dropout: 0.0}
 lr_schedule: {name: cosine_decay, warmup: 10, warmup_init: 1.0e-5, arguments: [1.0e-3, $((ITERS - 10)), 1.0e-4]}
 YAML
-  [ -d "$O/lora_adapters" ] || $PY -m mlx_lm lora --model "$M" --train --data "$D" --num-layers 4 \
+  [ -f "$O/lora_adapters/adapters.safetensors" ] || "${MLX_LM[@]}" lora --model "$M" --train --data "$D" --num-layers 4 \
     --iters "$ITERS" --batch-size 4 --learning-rate 1e-3 --mask-prompt --max-seq-length "$LEN" \
     -c "$O/lora.yaml" --adapter-path "$O/lora_adapters" --steps-per-eval 100000 --val-batches 1
-  [ -d "$O/lora_fused" ] || $PY -m mlx_lm fuse --model "$M" --adapter-path "$O/lora_adapters" \
+  [ -d "$O/lora_fused" ] || "${MLX_LM[@]}" fuse --model "$M" --adapter-path "$O/lora_adapters" \
     --save-path "$O/lora_fused"
   $S init --model "$O/lora_fused" --out "$O/lora_ss" --overwrite
   runs+=("lora:$O/lora_ss")
