@@ -77,14 +77,12 @@ class Draft:
         tokens: ``(tree.size - 1,)`` drafted tokens of nodes ``1..``, an
             ``mx.array`` (it may stay on the device).
         prune: early-exit pruning of the tree, or ``None``.
-        streams: streams to run per node (``forward``'s ``streams``; ``None``: all).
     """
 
     tree: Tree
     rows: Rows
     tokens: mx.array
     prune: Optional[PruneSettings] = None
-    streams: Optional[int] = None
 
 
 class Drafter(Protocol):
@@ -183,12 +181,9 @@ class StreamDrafter:
         if tree.prune_threshold is not None:
             self.prune = PruneSettings(tree.prune_threshold, tree.prune_max_keep)
         self.table = None
-        # a tree of depth d reads streams 1..d only; lossless mode can skip the rest
-        lossless = model.config.mode == "lossless"
-        self.streams = max(self.depth, 1) if lossless else None
 
     def propose(self, history: List[int], budget: int) -> Draft:
-        return Draft(self.shape, self.rows, self.table[self.index], self.prune, self.streams)
+        return Draft(self.shape, self.rows, self.table[self.index], self.prune)
 
     def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
         slot = int(out.stream_slot[node])
@@ -224,7 +219,6 @@ def _prefill(model, prompt, cache, step_size, shared, speculative,
     while True:
         end = min(n, start + step_size)
         size = end - start
-        count = None if shared else streams
         if shared:
             nodes = np.arange(size)
         elif speculative and end == n:
@@ -232,7 +226,7 @@ def _prefill(model, prompt, cache, step_size, shared, speculative,
         else:
             nodes = None
         out = forward(model, mx.array(prompt[start:end]), chain_rows(size, nodes), cache,
-                      streams=count if nodes is not None else None)
+                      streams=streams)
         commit(cache, np.arange(size), None, model.num_layers)
         if end == n:
             return out
@@ -283,8 +277,11 @@ def decode(
 
     cache = make_cache(model.num_layers)
     history = list(prompt)
+    # A drafter reads streams 1..stream_logits_depth; in lossless mode no main row
+    # sees a stream, so the forwards run only those (``forward``'s ``streams``).
+    streams = None if shared else max(drafter.stream_logits_depth, 1)
     out = _prefill(model, history, cache, prefill_step_size, shared, drafter.uses_streams,
-                   getattr(drafter, "streams", None))
+                   streams)
     root = _choose(logits(model, out.main_hidden[-1]), sampling)
     drafter.observe(out, out.main_hidden.shape[0] - 1)
     mx.eval(root)
@@ -298,7 +295,7 @@ def decode(
         if draft.tree.size > 1:
             tokens = mx.concatenate([tokens, draft.tokens.astype(tokens.dtype)])
         out = forward(model, tokens, draft.rows, cache, tree=draft.tree, prune=draft.prune,
-                      streams=draft.streams)
+                      streams=streams)
         kept = out.kept
         topo = draft.tree if kept is None else subtree(draft.tree, kept)
         step_logits, stream_logits = _head(model, out, drafter.stream_logits_depth)  # (K, V), (S, depth, V) or None
