@@ -4,7 +4,9 @@
 # on one task: quality (ROUGE-L for dialogsum, SQL exact match for spider) and
 # tokens per forward from `specstream-mlx eval`.
 # Usage (from the repo root): bash scripts/task_compare.sh dialogsum|spider
-#   env: WORK=work ITERS=80 N=20 SHARED=../shared BASELINE=1 (0: skip plain LoRA)
+#   env: WORK=work ITERS=80 N=100 SHARED=../shared BASELINE=1 (0: skip plain LoRA)
+# Prints each model's figures, then the paired per-example quality difference
+# shared SS - plain LoRA with its standard error (same N test examples).
 set -euo pipefail
 TASK=${1:?usage: bash scripts/task_compare.sh dialogsum|spider}
 case $TASK in
@@ -12,13 +14,13 @@ case $TASK in
   spider) METRIC=exact; LEN=512; TOKENS=96 ;;
   *) echo "unknown task $TASK: dialogsum or spider" >&2; exit 2 ;;
 esac
-WORK=${WORK:-work}; ITERS=${ITERS:-80}; N=${N:-20}; SHARED=${SHARED:-../shared}; BASELINE=${BASELINE:-1}
+WORK=${WORK:-work}; ITERS=${ITERS:-80}; N=${N:-100}; SHARED=${SHARED:-../shared}; BASELINE=${BASELINE:-1}
 S=.venv/bin/specstream-mlx; PY=.venv/bin/python
 # mlx-lm's own CLI, with OpenBLAS loaded before mlx as specstream-mlx does (else MLX's slow reference BLAS)
 MLX_LM=($PY -c "import specstream_mlx, runpy; runpy.run_module('mlx_lm', run_name='__main__')")
 D=$WORK/$TASK; O=$WORK/${TASK}_out; mkdir -p "$O"
 M=$($PY -c "from specstream_mlx.convert.default_model import default_model_path as p; print(p(quiet=True))")
-$PY scripts/build_task_data.py "$TASK" "$SHARED" "$D"
+$PY scripts/build_task_data.py "$TASK" "$SHARED" "$D" --test "$N"
 [ -d "$O/ss_shared" ] || $S train --model "$M" --fresh-streams --mode shared --adapter-rank 0 \
   --lora-rank 32 --data "$D" --out "$O/ss_shared" --iters "$ITERS" --batch-size 4 \
   --max-seq-len "$LEN" --learning-rate 1e-3 --embedding-lr 0.05 --warmup 10 --save-every "$ITERS"
@@ -38,7 +40,14 @@ YAML
 fi
 for run in "${runs[@]}"; do
   name=${run%%:*}
+  # the plain-LoRA model has untrained streams: plain decoding, same text, quicker
+  extra=(); [ "$name" = lora ] && extra=(--no-spec)
   $S eval --model "${run#*:}" --data "$D/test.jsonl" --metric "$METRIC" --num "$N" -m "$TOKENS" \
-    --out "$O/eval_$name.json" > /dev/null
-  echo "$name: $(tr -d '\n ' < "$O/eval_$name.json")"
+    "${extra[@]}" --out "$O/eval_$name.json"
 done
+if [ "$BASELINE" = 1 ]; then
+  $PY -c "import json, sys; from specstream_mlx.evaluate import paired_difference as d
+r = d(*(json.load(open(f)) for f in sys.argv[1:]))
+print(f'shared SS - plain LoRA: {r[\"difference\"]:+.4f} +- {r[\"stderr\"]:.4f} (paired, {r[\"examples\"]} examples)')" \
+    "$O/eval_ss_shared.json" "$O/eval_lora.json"
+fi

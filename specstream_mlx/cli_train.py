@@ -129,6 +129,8 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--num", help="Only the first N examples."),
     max_tokens: int = typer.Option(128, "-m", "--max-tokens"),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON."),
+    no_spec: bool = typer.Option(False, "--no-spec",
+                                 help="Plain decoding (same text in lossless mode; for untrained streams)."),
 ):
     """Task quality and tokens per forward on a JSONL set."""
     from .evaluate import evaluate
@@ -138,10 +140,11 @@ def eval_command(
         if metric not in ("rouge", "exact"):
             raise UsageError(f"--metric must be rouge or exact, got {metric!r}")
         ss_model, tokenizer = load(model)
-        figures = evaluate(ss_model, tokenizer, data, metric, limit, max_tokens)
-        text = json.dumps(figures, indent=2)
-        typer.echo(text)
+        figures = evaluate(ss_model, tokenizer, data, metric, limit, max_tokens,
+                           speculative=not no_spec)
+        summary = {k: v for k, v in figures.items() if k not in ("scores", "outputs")}
+        typer.echo(json.dumps(summary, indent=2))
         if out is not None:
-            out.write_text(text + "\n")
+            out.write_text(json.dumps(figures, indent=2) + "\n")
 
     _run(run)

@@ -7,9 +7,10 @@ and case normalisation for SQL. Speed: tokens per forward of greedy decoding.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from .decode import TreeSettings
 from .generate import stream_generate
@@ -97,7 +98,8 @@ class _SpeedTally:
 
 
 def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional[int] = None,
-             max_tokens: int = 128, tree: Optional[TreeSettings] = None) -> dict:
+             max_tokens: int = 128, tree: Optional[TreeSettings] = None,
+             speculative: bool = True) -> dict:
     """Generate greedily for each example and score it.
 
     Args:
@@ -107,32 +109,72 @@ def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional
         limit: only the first ``limit`` examples.
         max_tokens: generation budget per example.
         tree: draft tree settings (default: the checkpoint's).
+        speculative: ``False`` decodes one token per forward (same text in
+            lossless mode; quicker for a model whose streams are untrained).
 
     Returns:
-        ``{"examples", "quality", "metric", "tokens_per_forward", "generation_tps",
-        "acceptance_by_depth"}`` averaged over the examples.
+        ``{"examples", "quality", "quality_stderr", "metric", "tokens_per_forward",
+        "generation_tps", "acceptance_by_depth", "scores", "outputs"}``: averages
+        over the examples, the standard error of the mean quality, and each
+        example's score and generated text in file order (for paired
+        comparisons, ``paired_difference``).
     """
     score = {"rouge": rouge_l, "exact": exact_match}[metric]
     pairs = _pairs(path, tokenizer, limit)
-    quality, tps, speed = 0.0, 0.0, _SpeedTally()
+    scores, outputs, tps, speed = [], [], 0.0, _SpeedTally()
     for i, (prompt, reference) in enumerate(pairs, start=1):
         text, last = "", None
-        for last in stream_generate(model, tokenizer, prompt, max_tokens, tree=tree):
+        for last in stream_generate(model, tokenizer, prompt, max_tokens, tree=tree,
+                                    speculative=speculative):
             text += last.text
-        quality += score(text, reference)
+        scores.append(score(text, reference))
+        outputs.append(text)
         tps += last.generation_tps
         speed.add(last)
-        print(f"\r[eval] {i}/{len(pairs)} {metric}={quality / i:.3f} "
+        print(f"\r[eval] {i}/{len(pairs)} {metric}={sum(scores) / i:.3f} "
               f"tokens/forward={speed.tokens_per_forward:.2f}", file=sys.stderr, end="", flush=True)
     print(file=sys.stderr)
+    mean, stderr = _mean_and_stderr(scores)
     return {
         "examples": len(pairs),
         "metric": metric,
-        "quality": quality / len(pairs),
+        "quality": mean,
+        "quality_stderr": stderr,
         "tokens_per_forward": speed.tokens_per_forward,
         "generation_tps": tps / len(pairs),
         "acceptance_by_depth": speed.acceptance_by_depth,
+        "scores": scores,
+        "outputs": outputs,
     }
+
+
+def _mean_and_stderr(values: Sequence[float]) -> tuple:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def paired_difference(first: dict, second: dict) -> dict:
+    """Mean per-example quality difference ``first - second`` and its standard error.
+
+    Both results must come from ``evaluate`` on the same examples (same file
+    and ``--num``): pairing removes the spread between examples, which is much
+    larger than the spread between two fine-tunes of one model.
+
+    Raises:
+        ValueError: the results lack per-example scores or cover different sets.
+    """
+    a, b = first.get("scores"), second.get("scores")
+    if a is None or b is None:
+        raise ValueError("per-example scores missing: rerun `specstream-mlx eval` (it stores them)")
+    if len(a) != len(b) or first.get("metric") != second.get("metric"):
+        raise ValueError(f"not the same examples: {len(a)} {first.get('metric')} scores "
+                         f"vs {len(b)} {second.get('metric')}")
+    mean, stderr = _mean_and_stderr([x - y for x, y in zip(a, b)])
+    return {"examples": len(a), "difference": mean, "stderr": stderr}
 
 
 def speed_on_prompts(model, tokenizer, prompts: List[List[int]], max_tokens: int = 64,
