@@ -177,9 +177,12 @@ def paired_difference(first: dict, second: dict) -> dict:
     return {"examples": len(a), "difference": mean, "stderr": stderr}
 
 
-def speed_on_prompts(model, tokenizer, prompts: List[List[int]], max_tokens: int = 64,
+def speed_on_prompts(model, tokenizer, prompts: List, max_tokens: int = 64,
                      tree: Optional[TreeSettings] = None) -> dict:
-    """Tokens per forward and acceptance by depth of greedy decoding on token prompts."""
+    """Tokens per forward and acceptance by depth of greedy decoding.
+
+    ``prompts`` are token lists or formatted prompt strings (as ``stream_generate`` takes).
+    """
     speed = _SpeedTally()
     for prompt in prompts:
         last = None
