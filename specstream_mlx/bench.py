@@ -6,6 +6,8 @@ Methods (``METHODS``):
 * ``ss``: Speculative Streaming with the given tree;
 * ``ss-chain``: SS with a single chain of ``gamma`` drafts (no tree);
 * ``pld``: prompt-lookup decoding (``pld``) through the same verification code;
+* ``ss-pld``: the ``ss`` tree plus a prompt-lookup chain in the same forward
+  (``pld.StreamLookupDrafter``);
 * ``draft``: mlx-lm's speculative decoding with a draft model (default: a 4-bit
   quantized copy of the target).
 
@@ -38,7 +40,7 @@ from .generate import max_context, stream_generate
 from .runtime import tree_settings
 from .tree import build_tree
 
-METHODS = ("ar", "ss", "ss-chain", "pld", "draft")
+METHODS = ("ar", "ss", "ss-chain", "pld", "ss-pld", "draft")
 
 
 @dataclass
@@ -218,12 +220,14 @@ def make_runners(settings: BenchSettings, methods, model, tokenizer, base, draft
     """One callable ``(prompt, max_tokens, seed) -> Run`` per method name (sweep included)."""
     from mlx_lm.sample_utils import make_sampler
 
-    from .pld import PromptLookupDrafter
+    from .pld import PromptLookupDrafter, StreamLookupDrafter
 
     sampler = make_sampler(temp=settings.temp, top_p=settings.top_p)
     tree = ss_tree(settings, model.config)
     chain = TreeSettings((1,) * model.config.gamma, None, None)
     pld = lambda: PromptLookupDrafter(model, settings.pld_max_ngram, 1, settings.pld_tokens)  # noqa: E731
+    ss_pld = lambda: StreamLookupDrafter(  # noqa: E731
+        model, tree, settings.pld_max_ngram, 1, settings.pld_tokens)
     runners = {}
     for name in methods:
         if name == "ar":
@@ -236,6 +240,8 @@ def make_runners(settings: BenchSettings, methods, model, tokenizer, base, draft
             runners[name] = _ss_runner(model, tokenizer, settings, chain)
         elif name == "pld":
             runners[name] = _ss_runner(model, tokenizer, settings, drafter_factory=pld)
+        elif name == "ss-pld":
+            runners[name] = _ss_runner(model, tokenizer, settings, drafter_factory=ss_pld)
     for sweep_tree in sweep_settings(settings.sweep_widths, settings.sweep_max_nodes,
                                      model.config.gamma):
         runners[f"ss {tree_label(sweep_tree)}"] = _ss_runner(model, tokenizer, settings, sweep_tree)

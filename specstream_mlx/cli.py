@@ -118,6 +118,7 @@ def generate(
     tree_width: Optional[str] = typer.Option(None, "--tree-width", help="Children per depth, e.g. 3,2,1."),
     max_nodes: Optional[int] = typer.Option(None, "--max-nodes", help="Cap on tree rows (root included)."),
     prune_threshold: Optional[float] = typer.Option(None, "--prune-threshold", help="Early-exit pruning threshold."),
+    lookup: int = typer.Option(0, "--lookup", help="Also draft up to N prompt-lookup tokens per step beside the tree (0: off)."),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the statistics as JSON."),
     verbose: bool = typer.Option(False, "--verbose", help="Print backend, BLAS and dtype."),
 ):
@@ -125,6 +126,8 @@ def generate(
 
     def run():
         check_decode_options(max_tokens, temp, max_nodes)
+        if lookup < 0:
+            raise UsageError(f"--lookup takes a number of tokens >= 0, got {lookup}")
         text = _read_prompt(prompt)
         widths = _parse_widths(tree_width)
         from .generate import format_stats, stream_generate
@@ -137,10 +140,15 @@ def generate(
         if verbose:
             typer.echo(describe_runtime(ss_model, tree), err=True)
         full = format_prompt(tokenizer, text, system_prompt, ignore_chat_template)
+        drafter = None
+        if lookup and not no_spec:
+            from .pld import StreamLookupDrafter
+
+            drafter = StreamLookupDrafter(ss_model, tree, num_tokens=lookup)
         last = None
         for last in stream_generate(
             ss_model, tokenizer, full, max_tokens, temp=temp, top_p=top_p, top_k=top_k,
-            seed=seed, tree=tree, speculative=not no_spec,
+            seed=seed, tree=tree, speculative=not no_spec, drafter=drafter,
         ):
             typer.echo(last.text, nl=False)
         typer.echo()

@@ -20,9 +20,9 @@ from typing import List, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .decode import Draft
+from .decode import Draft, StreamDrafter, TreeSettings, tree_rows
 from .masks import chain_rows
-from .tree import chain_tree
+from .tree import chain_tree, graft_chain
 
 
 def find_draft(history: Sequence[int], max_ngram: int = 3, min_ngram: int = 1,
@@ -92,3 +92,50 @@ class PromptLookupDrafter:
 
     def observe(self, out, node: int, stream_logits=None) -> None:
         pass
+
+
+class StreamLookupDrafter:
+    """A ``decode.Drafter`` whose tree is the streams' tree plus a prompt-lookup chain.
+
+    Each step drafts the streams' tree (as ``StreamDrafter`` with ``tree``)
+    and, when ``find_draft`` finds an earlier occurrence of the text's tail,
+    grafts the tokens that followed it below the root (``tree.graft_chain``:
+    where the lookup agrees with a stream guess the nodes are shared). One
+    forward verifies both; every node gets stream rows, so whichever path is
+    accepted, its last node's streams draft the next tree. The streams cover
+    free text, the lookup covers text copied from the prompt (summaries,
+    quotes, code edits), and a step keeps the longer accepted run. Without a
+    lookup match a step is exactly ``StreamDrafter``'s.
+
+    Args:
+        model: the model.
+        tree: the streams' tree settings (early-exit pruning applies only to
+            steps without a grafted chain).
+        max_ngram, min_ngram, num_tokens: as in ``find_draft``.
+    """
+
+    uses_streams = True
+
+    def __init__(self, model, tree: TreeSettings, max_ngram: int = 3, min_ngram: int = 1,
+                 num_tokens: int = 4):
+        find_draft([], max_ngram, min_ngram, num_tokens)  # validates the sizes
+        self.streams = StreamDrafter(model, tree)
+        self.stream_logits_depth = self.streams.stream_logits_depth
+        self.max_ngram, self.min_ngram, self.num_tokens = max_ngram, min_ngram, num_tokens
+        self.max_depth = max(self.streams.max_depth, num_tokens)
+
+    def propose(self, history: List[int], budget: int) -> Draft:
+        draft = self.streams.propose(history, budget)
+        chain = find_draft(history, self.max_ngram, self.min_ngram,
+                           min(self.num_tokens, max(budget - 1, 0)))
+        if not chain:
+            return draft
+        # The streams' tokens are needed on the host to share the agreeing nodes.
+        tokens = np.concatenate([[history[-1]], np.array(draft.tokens, dtype=np.int64)])
+        tree = graft_chain(draft.tree.with_tokens(tokens), chain)
+        if tree.size == draft.tree.size:
+            return draft
+        return Draft(tree, tree_rows(tree), mx.array(tree.tokens[1:].astype(np.int32)))
+
+    def observe(self, out, node: int, stream_logits=None) -> None:
+        self.streams.observe(out, node, stream_logits)

@@ -138,6 +138,44 @@ def chain_tree(length: int) -> Tree:
     return build_tree((1,) * length)
 
 
+def graft_chain(tree: Tree, chain: Sequence[int]) -> Tree:
+    """Add a chain of drafted tokens below the root, sharing the nodes it agrees with.
+
+    Walks down from the root: while the chain's next token is already a child
+    of the current node, it follows that child; from the first disagreement on
+    it appends new nodes, each the child of the previous. New nodes come after
+    their existing siblings in rank (they are tried last when sampling) and
+    after every existing node in order, so the tree stays parents-first.
+
+    Args:
+        tree: a tree carrying tokens (``tokens[0]`` is the root's).
+        chain: tokens drafted for the positions after the root, in order.
+
+    Returns:
+        The grown tree with tokens; ``tree`` itself when nothing is new.
+    """
+    assert tree.tokens is not None, "graft_chain needs a tree with tokens"
+    parents, depth = list(tree.parents), list(tree.depth)
+    rank, tokens = list(tree.rank), [int(t) for t in tree.tokens]
+    kids = [list(k) for k in tree.children]
+    node = 0
+    for token in chain:
+        match = next((c for c in kids[node] if tokens[c] == int(token)), None)
+        if match is None:
+            match = len(parents)
+            parents.append(node)
+            depth.append(depth[node] + 1)
+            rank.append(len(kids[node]))
+            tokens.append(int(token))
+            kids[node].append(match)
+            kids.append([])
+        node = match
+    if len(parents) == tree.size:
+        return tree
+    return Tree(parents=np.array(parents, dtype=np.int64), depth=np.array(depth, dtype=np.int64),
+                rank=np.array(rank, dtype=np.int64), tokens=np.array(tokens, dtype=np.int64))
+
+
 def draft_token_index(tree: Tree, top_k: int) -> np.ndarray:
     """Where each non-root node's token lies in the flattened stream top-k table.
 

@@ -117,6 +117,10 @@ def test_cli_end_to_end(tmp_path):
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.split("\n==========")[0] == spec.stdout.split("\n==========")[0]
     assert json.loads(stats.read_text())["tokens_per_forward"] == 1.0
+    lookup = subprocess.run(cmd + args + ["--lookup", "4"], capture_output=True, text=True)
+    assert lookup.returncode == 0, lookup.stderr
+    assert lookup.stdout.split("\n==========")[0] == spec.stdout.split("\n==========")[0]
+    assert len(json.loads(stats.read_text())["acceptance_by_depth"]) == 4  # the lookup's depth
 
 
 runner = CliRunner()
@@ -148,6 +152,8 @@ def test_cli_bad_input(tmp_path, checkpoint):
     _fails_cleanly(["generate", "--model", str(checkpoint), "-p", "x" * 2100], "context")
     _fails_cleanly(["generate", "--model", str(checkpoint), "-p", "hi",
                     "--tree-width", "3,x"], "--tree-width")
+    _fails_cleanly(["generate", "--model", str(checkpoint), "-p", "hi", "--lookup", "-1"],
+                   "--lookup")
 
 
 def _copy(checkpoint, dest):

@@ -53,7 +53,7 @@ def test_bench_writes_results_table_and_plot(full_run, checkpoint):
     out, output = full_run
     results = json.loads((out / "results.json").read_text())
     methods = results["methods"]
-    assert list(methods) == ["ar", "ss", "ss-chain", "pld", "draft"]
+    assert list(methods) == ["ar", "ss", "ss-chain", "pld", "ss-pld", "draft"]
     assert results["command"].startswith(f"specstream-mlx bench --model {checkpoint}")
     assert "--max-tokens 20" in results["command"] and "--seed 0" in results["command"]
     assert results["environment"]["mlx"] and results["environment"]["backend"] == "cpu"
@@ -67,6 +67,7 @@ def test_bench_writes_results_table_and_plot(full_run, checkpoint):
     assert methods["ar"]["speedup"]["median"] == pytest.approx(1.0)
     assert len(methods["ss"]["acceptance_by_depth"]) == 3
     assert len(methods["pld"]["acceptance_by_depth"]) == 4
+    assert len(methods["ss-pld"]["acceptance_by_depth"]) == 4  # max(tree depth 3, 4 lookup tokens)
     assert len(methods["draft"]["acceptance_by_depth"]) == 3
     # the draft model is a 4-bit copy: smaller than the target's float32 weights
     assert methods["draft"]["peak_memory_gb"] < 2 * methods["ar"]["peak_memory_gb"]
@@ -88,9 +89,9 @@ def test_lossless_methods_reproduce_ar_tokens(full_run):
     for prompt in results["prompts"]:
         runs = prompt["runs"]
         assert len(runs["ar"]["tokens"]) > 0
-        for name in ("ss", "ss-chain", "pld"):
+        for name in ("ss", "ss-chain", "pld", "ss-pld"):
             assert runs[name]["tokens"] == runs["ar"]["tokens"], name
-    for name in ("ss", "ss-chain", "pld"):
+    for name in ("ss", "ss-chain", "pld", "ss-pld"):
         entry = results["methods"][name]
         assert entry["must_equal_ar"] and entry["equal_to_ar"] and entry["equal_prompts"] == 3
     assert "NO (must be equal)" not in (out / "results.md").read_text()

@@ -82,3 +82,22 @@ def test_pld_in_shared_mode_runs_streams_for_every_row(monkeypatch):
     tokens, _ = decode_tokens(model, prompt, 24, drafter=PromptLookupDrafter(model))
     assert tokens == plain
     assert all(np.array_equal(nodes, np.arange(size)) for size, nodes, _ in seen[1:])
+
+
+@pytest.mark.parametrize("mode, widths", [("lossless", (1,)), ("lossless", (2, 1)), ("shared", (1, 1))])
+def test_streams_plus_lookup_equal_plain_decoding(monkeypatch, mode, widths):
+    from specstream_mlx.decode import TreeSettings, build_tree
+    from specstream_mlx.pld import StreamLookupDrafter
+
+    model = ss_model("llama", mode=mode, seed=4)
+    prompt = [10, 20, 30, 40, 50] * 6
+    plain, _ = decode_tokens(model, prompt, 40, speculative=False)
+    seen = _record_rows(monkeypatch)
+    drafter = StreamLookupDrafter(model, TreeSettings(widths, None), num_tokens=4)
+    tokens, steps = decode_tokens(model, prompt, 40, drafter=drafter)
+    assert tokens == plain
+    stream_rows = build_tree(widths).size
+    assert any(size > stream_rows for size, _, _ in seen[1:]), "no lookup chain was grafted"
+    assert sum(s.accepted for s in steps) > 0
+    # every node runs stream rows: the accepted path's last node drafts the next tree
+    assert all(np.array_equal(nodes, np.arange(size)) for size, nodes, _ in seen[1:])

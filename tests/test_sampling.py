@@ -60,13 +60,14 @@ def _fixed_drafts(monkeypatch):
     monkeypatch.setattr(decode_module, "_draft_table", lambda *args: fixed)
 
 
-def _sample_runs(steps, seed=0):
+def _sample_runs(steps, seed=0, drafter=None):
     mx.random.seed(seed)
     samples = []
     accepted = 0
     for _ in range(RUNS):
         tokens, trace = decode_tokens(_model(), PROMPT, steps, sampling=SAMPLING,
-                                      tree=TreeSettings((3, 2), None))
+                                      tree=TreeSettings((3, 2), None),
+                                      drafter=drafter() if drafter else None)
         samples.append(tokens)
         accepted += sum(s.accepted for s in trace)
     return np.array(samples), accepted
@@ -94,6 +95,28 @@ def test_tree_sampling_matches_model_distribution(monkeypatch):
     _fixed_drafts(monkeypatch)
     samples, accepted = _sample_runs(3)
     assert accepted > RUNS // 5, "drafts were rarely accepted; the test would be weak"
+    for position in range(3):
+        p = _p_value(samples[:, position], _marginals()[position])
+        assert p > 1e-3, f"token {position + 1}: p = {p:.2e}"
+
+
+def test_streams_plus_lookup_sampling_matches_model_distribution(monkeypatch):
+    """Grafted lookup nodes are tried after the streams' siblings; the rule stays exact."""
+    from specstream_mlx import pld
+
+    _fixed_drafts(monkeypatch)
+    ranked = [sorted(m, key=m.get, reverse=True) for m in _marginals()]
+    # a chain whose first token is not among the streams' top 3: it grafts new nodes
+    chain = [ranked[1][min(3, len(ranked[1]) - 1)], ranked[2][0]]
+    monkeypatch.setattr(pld, "find_draft", lambda *args: list(chain))
+    grown = []
+    real_forward = decode_module.forward
+    monkeypatch.setattr(decode_module, "forward", lambda model, tokens, rows, cache, **kw: (
+        grown.append(rows.size), real_forward(model, tokens, rows, cache, **kw))[1])
+    drafter = lambda: pld.StreamLookupDrafter(_model(), TreeSettings((3, 2), None), num_tokens=2)  # noqa: E731
+    samples, accepted = _sample_runs(3, seed=2, drafter=drafter)
+    assert max(grown) > 1 + 3 + 6, "no lookup node was grafted"
+    assert accepted > RUNS // 5
     for position in range(3):
         p = _p_value(samples[:, position], _marginals()[position])
         assert p > 1e-3, f"token {position + 1}: p = {p:.2e}"

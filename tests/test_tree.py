@@ -152,3 +152,22 @@ def test_tree_with_tokens_checks_length():
     with pytest.raises(AssertionError):
         build_tree((2,)).with_tokens(np.array([1, 2]))
     assert isinstance(build_tree((2,)).with_tokens(np.array([1, 2, 3])), Tree)
+
+
+def test_graft_chain_shares_agreeing_nodes_then_branches():
+    from specstream_mlx.tree import graft_chain
+
+    # widths (2, 1): root 0; depth 1: nodes 1, 2; depth 2: node 3 under 1, node 4 under 2
+    tree = build_tree((2, 1)).with_tokens(np.array([10, 11, 12, 13, 14]))
+    grown = graft_chain(tree, [12, 20, 21])  # agrees with node 2, then leaves the tree
+    np.testing.assert_array_equal(grown.parents, [-1, 0, 0, 1, 2, 2, 5])
+    np.testing.assert_array_equal(grown.depth, [0, 1, 1, 2, 2, 2, 3])
+    np.testing.assert_array_equal(grown.tokens, [10, 11, 12, 13, 14, 20, 21])
+    np.testing.assert_array_equal(grown.rank, [-1, 0, 1, 0, 0, 1, 0])  # after node 4, its sibling
+    assert grown.children[2] == (4, 5)
+    np.testing.assert_array_equal(grown.mask[6], [1, 0, 1, 0, 0, 1, 1])
+    # a chain the tree already holds adds nothing; one that disagrees at once hangs off the root
+    assert graft_chain(tree, [11, 13]) is tree
+    fresh = graft_chain(tree, [30])
+    np.testing.assert_array_equal(fresh.parents, [-1, 0, 0, 1, 2, 0])
+    assert fresh.children[0] == (1, 2, 5)
