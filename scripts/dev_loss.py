@@ -11,6 +11,7 @@ decoding.
 """
 
 import argparse
+import sys
 
 import specstream_mlx  # noqa: F401  (loads OpenBLAS before mlx on Linux)
 import mlx.core as mx
@@ -29,8 +30,11 @@ def main() -> None:
     args = parser.parse_args()
     weights = LossWeights(main=1.0, stream=0.0, early_exit=0.0)
     for path in args.checkpoints:
-        model, tokenizer = load(path)
-        examples = load_examples(args.data, tokenizer, split="valid")[: args.num]
+        try:
+            model, tokenizer = load(path)
+            examples = load_examples(args.data, tokenizer, split="valid")[: args.num]
+        except ValueError as exc:  # CheckpointError, DataError
+            sys.exit(f"error: {exc}")
         total = count = 0.0
         for start in range(0, len(examples), 4):
             indices = list(range(start, min(start + 4, len(examples))))

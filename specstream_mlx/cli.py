@@ -128,6 +128,8 @@ def generate(
         check_decode_options(max_tokens, temp, max_nodes)
         if lookup < 0:
             raise UsageError(f"--lookup takes a number of tokens >= 0, got {lookup}")
+        if lookup and no_spec:
+            raise UsageError("--lookup drafts tokens and --no-spec turns drafting off: give one of them")
         text = _read_prompt(prompt)
         widths = _parse_widths(tree_width)
         from .generate import format_stats, stream_generate
@@ -141,7 +143,7 @@ def generate(
             typer.echo(describe_runtime(ss_model, tree), err=True)
         full = format_prompt(tokenizer, text, system_prompt, ignore_chat_template)
         drafter = None
-        if lookup and not no_spec:
+        if lookup:
             from .pld import StreamLookupDrafter
 
             drafter = StreamLookupDrafter(ss_model, tree, num_tokens=lookup)

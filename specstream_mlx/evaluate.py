@@ -170,6 +170,8 @@ def paired_difference(first: dict, second: dict) -> dict:
     a, b = first.get("scores"), second.get("scores")
     if a is None or b is None:
         raise ValueError("per-example scores missing: rerun `specstream-mlx eval` (it stores them)")
+    if not a:
+        raise ValueError("no per-example scores to compare")
     if len(a) != len(b) or first.get("metric") != second.get("metric"):
         raise ValueError(f"not the same examples: {len(a)} {first.get('metric')} scores "
                          f"vs {len(b)} {second.get('metric')}")
@@ -177,12 +179,9 @@ def paired_difference(first: dict, second: dict) -> dict:
     return {"examples": len(a), "difference": mean, "stderr": stderr}
 
 
-def speed_on_prompts(model, tokenizer, prompts: List, max_tokens: int = 64,
+def speed_on_prompts(model, tokenizer, prompts: List[List[int]], max_tokens: int = 64,
                      tree: Optional[TreeSettings] = None) -> dict:
-    """Tokens per forward and acceptance by depth of greedy decoding.
-
-    ``prompts`` are token lists or formatted prompt strings (as ``stream_generate`` takes).
-    """
+    """Tokens per forward and acceptance by depth of greedy decoding on token prompts."""
     speed = _SpeedTally()
     for prompt in prompts:
         last = None

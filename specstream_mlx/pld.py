@@ -83,9 +83,13 @@ class PromptLookupDrafter:
         self.max_depth = num_tokens
         self.shared = model.config.mode == "shared"
 
+    def chain(self, history: List[int], budget: int) -> List[int]:
+        """The lookup draft for the next step, within ``budget`` (tokens still wanted)."""
+        return find_draft(history, self.max_ngram, self.min_ngram,
+                          min(self.max_depth, max(budget - 1, 0)))
+
     def propose(self, history: List[int], budget: int) -> Draft:
-        drafts = find_draft(history, self.max_ngram, self.min_ngram,
-                            min(self.max_depth, max(budget - 1, 0)))
+        drafts = self.chain(history, budget)
         size = len(drafts) + 1
         rows = chain_rows(size, np.arange(size) if self.shared else None)
         return Draft(chain_tree(len(drafts)), rows, mx.array(np.array(drafts, dtype=np.int32)))
@@ -118,16 +122,14 @@ class StreamLookupDrafter:
 
     def __init__(self, model, tree: TreeSettings, max_ngram: int = 3, min_ngram: int = 1,
                  num_tokens: int = 4):
-        find_draft([], max_ngram, min_ngram, num_tokens)  # validates the sizes
+        self.lookup = PromptLookupDrafter(model, max_ngram, min_ngram, num_tokens)
         self.streams = StreamDrafter(model, tree)
         self.stream_logits_depth = self.streams.stream_logits_depth
-        self.max_ngram, self.min_ngram, self.num_tokens = max_ngram, min_ngram, num_tokens
         self.max_depth = max(self.streams.max_depth, num_tokens)
 
     def propose(self, history: List[int], budget: int) -> Draft:
         draft = self.streams.propose(history, budget)
-        chain = find_draft(history, self.max_ngram, self.min_ngram,
-                           min(self.num_tokens, max(budget - 1, 0)))
+        chain = self.lookup.chain(history, budget)
         if not chain:
             return draft
         # The streams' tokens are needed on the host to share the agreeing nodes.

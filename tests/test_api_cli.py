@@ -154,6 +154,8 @@ def test_cli_bad_input(tmp_path, checkpoint):
                     "--tree-width", "3,x"], "--tree-width")
     _fails_cleanly(["generate", "--model", str(checkpoint), "-p", "hi", "--lookup", "-1"],
                    "--lookup")
+    _fails_cleanly(["generate", "--model", str(checkpoint), "-p", "hi", "--lookup", "4",
+                    "--no-spec"], "--no-spec")
 
 
 def _copy(checkpoint, dest):

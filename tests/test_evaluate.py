@@ -24,6 +24,8 @@ def test_paired_difference_mean_and_stderr():
 def test_paired_difference_refuses_unpaired_results():
     with pytest.raises(ValueError, match="not the same examples"):
         paired_difference({"metric": "rouge", "scores": [1.0]}, {"metric": "rouge", "scores": [1.0, 0.0]})
+    with pytest.raises(ValueError, match="no per-example scores"):
+        paired_difference({"metric": "rouge", "scores": []}, {"metric": "rouge", "scores": []})
     with pytest.raises(ValueError, match="rerun"):
         paired_difference({"metric": "rouge", "quality": 0.3}, {"metric": "rouge", "scores": [1.0]})
 
