@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from specstream_mlx import load, stream_generate
-from specstream_mlx.engine import Engine, GenerationRequest
+from specstream_mlx.serve.worker import Engine, GenerationRequest
 from specstream_mlx.generate import encode_prompt
 from specstream_mlx.prompts import format_prompt
 

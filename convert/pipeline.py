@@ -14,7 +14,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..config import SpecStreamConfig, TreeDefaults
+from ..config import SpecStreamConfig, TreeSettings
 from ..families import family_for
 from .common import ConversionError, atomic_output, parse_dtype, say
 from .hf_config import mlx_config, read_hf_config
@@ -74,9 +74,9 @@ def _stream_config(streams: Optional[StreamWeights], config: dict, gamma: int,
         stream_layers = int(streams.config.get("stream_layers", streams.adapter_count or stream_layers))
         mode = streams.config.get("mode", mode)
     down = streams.tensors.get("prune_adapter.down.weight") if streams else None
-    tree = TreeDefaults()
+    tree = TreeSettings()
     if len(tree.widths) > gamma:
-        tree = TreeDefaults(tuple(tree.widths[:gamma]), tree.max_nodes, tree.prune_threshold)
+        tree = TreeSettings(tuple(tree.widths[:gamma]), tree.max_nodes, tree.prune_threshold)
     ss = SpecStreamConfig(
         gamma=gamma, stream_layers=stream_layers, mode=mode,
         prune_rank=int(down.shape[0]) if down is not None else 8,

@@ -1,6 +1,6 @@
 """A PyTorch reference of the Speculative Streaming model.
 
-``SpecStreamReference`` computes the multi-stream forward of DESIGN.md from the
+``SpecStreamReference`` computes the multi-stream forward of docs/design.md from the
 same weights as the MLX runtime: the base model's Hugging Face tensors, the
 stream embeddings ``P`` and the early-exit pruning adapter. It is the numerical
 reference for conversion parity and for the Core ML export, and its

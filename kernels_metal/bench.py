@@ -30,7 +30,7 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def _rows_of(nodes: int):
-    from ..decode import tree_rows
+    from ..masks import tree_rows
 
     widths = (4, 3, 2, 2)
     return tree_rows(build_tree(widths, max_nodes=nodes))

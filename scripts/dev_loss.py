@@ -16,9 +16,9 @@ import sys
 import specstream_mlx  # noqa: F401  (loads OpenBLAS before mlx on Linux)
 import mlx.core as mx
 
-from specstream_mlx.data import collate, load_examples
+from specstream_mlx.train.data import collate, load_examples
 from specstream_mlx.loading import load
-from specstream_mlx.losses import LossWeights, loss_fn
+from specstream_mlx.train.losses import LossWeights, loss_fn
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ import specstream_mlx  # noqa: F401  (first: it loads OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
-from specstream_mlx.cached_train import precompute, stream_hidden
-from specstream_mlx.data import Example
+from specstream_mlx.train.cached import precompute, stream_hidden
+from specstream_mlx.train.data import Example
 from specstream_mlx.forward import logits
 from specstream_mlx.loading import load
 

@@ -46,7 +46,7 @@ for run in "${runs[@]}"; do
     "${extra[@]}" --out "$O/eval_$name.json"
 done
 if [ "$BASELINE" = 1 ]; then
-  $PY -c "import json, sys; from specstream_mlx.evaluate import paired_difference as d
+  $PY -c "import json, sys; from specstream_mlx.bench.evaluate import paired_difference as d
 r = d(*(json.load(open(f)) for f in sys.argv[1:]))
 print(f'shared SS - plain LoRA: {r[\"difference\"]:+.4f} +- {r[\"stderr\"]:.4f} (paired, {r[\"examples\"]} examples)')" \
     "$O/eval_ss_shared.json" "$O/eval_lora.json"

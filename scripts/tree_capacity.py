@@ -17,9 +17,9 @@ import sys
 
 import specstream_mlx  # noqa: F401  (loads OpenBLAS before mlx on Linux)
 from specstream_mlx import load
-from specstream_mlx.bench_prompts import load_prompts
-from specstream_mlx.decode import TreeSettings
-from specstream_mlx.evaluate import speed_on_prompts
+from specstream_mlx.bench.prompts import load_prompts
+from specstream_mlx.config import TreeSettings
+from specstream_mlx.bench.evaluate import speed_on_prompts
 from specstream_mlx.generate import max_context
 
 

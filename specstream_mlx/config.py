@@ -1,10 +1,21 @@
-"""``specstream.json``: what a checkpoint adds to its mlx-lm model directory."""
+"""Settings written once: the checkpoint config (``specstream.json``), the tree spec, the backend.
+
+* ``SpecStreamConfig``: what a checkpoint adds to its mlx-lm model directory.
+* ``TreeSettings``: the one description of a draft tree (widths, node cap,
+  early-exit pruning), used for a checkpoint's stored defaults and for a
+  decode's explicit choice alike.
+* ``backend`` and ``tree_settings``: where MLX runs, and the tree a checkpoint
+  keeps for that backend, overridden by explicit options.
+
+Defaults live here and nowhere else (``DEFAULT_GAMMA``, ``DEFAULT_STREAM_LAYERS``,
+``TreeSettings()``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -14,25 +25,70 @@ WEIGHTS_FILE = "specstream.safetensors"
 MODES = ("lossless", "shared")
 BACKENDS = ("cpu", "gpu-metal", "gpu-cuda")  # keys of ``tree_by_backend``
 
+DEFAULT_GAMMA = 3  # speculative streams of a new checkpoint
+DEFAULT_STREAM_LAYERS = 4  # top layers with multi-stream attention
+DEFAULT_MODE = "lossless"
+
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt or does not fit its base model."""
 
 
-@dataclass
-class TreeDefaults:
-    """Default draft-tree settings stored with a checkpoint.
+@dataclass(frozen=True)
+class PruneSettings:
+    """Early-exit pruning of a tree before the multi-stream layers.
 
     Attributes:
-        widths: children per node at each depth (len <= gamma).
+        threshold: minimum path probability of a surviving node.
+        max_keep: optional cap on surviving rows, root included.
+    """
+
+    threshold: float
+    max_keep: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class TreeSettings:
+    """The shape of the draft tree used at every step (the one tree spec).
+
+    A checkpoint stores these as its defaults (``tree``, ``tree_by_backend``);
+    a caller passes them to ``drafters.make_drafter`` to choose explicitly.
+
+    Attributes:
+        widths: children per node at each depth; ``len(widths) <= gamma``.
         max_nodes: cap on tree rows, root included (``None``: no cap).
         prune_threshold: early-exit path probability under which sub-trees are
             dropped before the multi-stream layers (``None``: no pruning).
+        prune_max_keep: cap on rows kept by pruning (``None``: no cap).
+
+    Raises:
+        ValueError: on widths or caps that cannot make a tree.
     """
 
     widths: tuple = (3, 2, 1)
     max_nodes: Optional[int] = 16
     prune_threshold: Optional[float] = None
+    prune_max_keep: Optional[int] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if any(w < 1 for w in self.widths):
+            raise ValueError(f"tree widths must be >= 1, got {','.join(map(str, self.widths))}")
+        if self.max_nodes is not None and self.max_nodes < 1:
+            raise ValueError(f"max nodes must be >= 1 (or none), got {self.max_nodes}")
+        if self.prune_max_keep is not None and self.prune_max_keep < 1:
+            raise ValueError(f"pruning's max keep must be >= 1 (or none), got {self.prune_max_keep}")
+
+    @property
+    def prune(self) -> Optional[PruneSettings]:
+        """Early-exit pruning settings, or ``None`` when pruning is off."""
+        if self.prune_threshold is None:
+            return None
+        return PruneSettings(self.prune_threshold, self.prune_max_keep)
+
+    def cut(self, gamma: int) -> "TreeSettings":
+        """The same tree, no deeper than ``gamma`` streams can draft."""
+        return self if len(self.widths) <= gamma else replace(self, widths=self.widths[:gamma])
 
 
 @dataclass
@@ -56,19 +112,24 @@ class SpecStreamConfig:
         format_version: of this file.
     """
 
-    gamma: int = 3
-    stream_layers: int = 4
-    mode: str = "lossless"
+    gamma: int = DEFAULT_GAMMA
+    stream_layers: int = DEFAULT_STREAM_LAYERS
+    mode: str = DEFAULT_MODE
     prune_rank: int = 8
     stream_adapter_rank: int = 0
     hidden_size: int = 0
     vocab_size: int = 0
     num_layers: int = 0
-    tree: TreeDefaults = field(default_factory=TreeDefaults)
-    tree_by_backend: Dict[str, TreeDefaults] = field(default_factory=dict)
+    tree: TreeSettings = field(default_factory=TreeSettings)
+    tree_by_backend: Dict[str, TreeSettings] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
-    def default_tree(self, backend: str) -> TreeDefaults:
+    @property
+    def shared(self) -> bool:
+        """Shared mode: the base weights are fine-tuned too, so output is the fine-tuned model's."""
+        return self.mode == "shared"
+
+    def default_tree(self, backend: str) -> TreeSettings:
         """The tree settings for ``backend``: its own entry, else ``tree``."""
         return self.tree_by_backend.get(backend, self.tree)
 
@@ -112,14 +173,14 @@ class SpecStreamConfig:
         unknown = set(data) - known
         if unknown:
             raise CheckpointError(f"{CONFIG_FILE} has unknown keys {sorted(unknown)}")
-        def tree_defaults(tree: dict) -> TreeDefaults:
-            return TreeDefaults(**{**tree, "widths": tuple(tree.get("widths", (3, 2, 1)))})
+        def tree_defaults(tree: dict) -> TreeSettings:
+            return TreeSettings(**tree)
 
         try:
             by_backend = data.get("tree_by_backend", {})
             return cls(**{**data, "tree": tree_defaults(data.get("tree", {})),
                           "tree_by_backend": {k: tree_defaults(v) for k, v in by_backend.items()}})
-        except (TypeError, AttributeError) as exc:
+        except (TypeError, AttributeError, ValueError) as exc:
             raise CheckpointError(f"{CONFIG_FILE} is malformed: {exc}") from None
 
 
@@ -151,7 +212,7 @@ def write_config(config: SpecStreamConfig, model_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_backend_tree(model_dir: Path, backend: str, tree: TreeDefaults) -> SpecStreamConfig:
+def save_backend_tree(model_dir: Path, backend: str, tree: TreeSettings) -> SpecStreamConfig:
     """Store ``tree`` as the default for ``backend`` in the checkpoint at ``model_dir``.
 
     Raises:
@@ -163,3 +224,38 @@ def save_backend_tree(model_dir: Path, backend: str, tree: TreeDefaults) -> Spec
     config.validate()
     write_config(config, model_dir)
     return config
+
+
+def backend() -> str:
+    """``"cpu"``, ``"gpu-metal"`` or ``"gpu-cuda"``: where MLX runs by default."""
+    import mlx.core as mx
+
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return "cpu"
+    return "gpu-metal" if mx.metal.is_available() else "gpu-cuda"
+
+
+def tree_settings(
+    config: SpecStreamConfig,
+    widths: Optional[tuple] = None,
+    max_nodes: Optional[int] = None,
+    prune_threshold: Optional[float] = None,
+    on: Optional[str] = None,
+) -> TreeSettings:
+    """The tree to decode with: explicit settings over the checkpoint's default for the backend.
+
+    Args:
+        config: the checkpoint's stream settings (``tree`` and ``tree_by_backend``).
+        widths: children per depth; given without ``max_nodes``, the tree is uncapped
+            (the default's cap was chosen for the default's widths).
+        max_nodes: cap on tree rows, root included.
+        prune_threshold: early-exit pruning threshold.
+        on: backend name (default: the one MLX runs on now).
+
+    Returns:
+        Settings cut to the checkpoint's ``gamma``.
+    """
+    default = config.default_tree(on or backend())
+    nodes = max_nodes if max_nodes is not None else (None if widths else default.max_nodes)
+    prune = prune_threshold if prune_threshold is not None else default.prune_threshold
+    return TreeSettings(tuple(widths or default.widths), nodes, prune).cut(config.gamma)

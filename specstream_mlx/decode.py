@@ -5,48 +5,30 @@ Per step the host waits once (for the argmax / acceptance inputs of the tree);
 the next tree's tokens are gathered on the device and never visit the host
 before the next forward is queued.
 
-Where drafts come from is pluggable: a *drafter* proposes the next forward's
-tree (topology, rows, tokens) and may read the forward's output once the step
-is accepted. ``StreamDrafter`` (the speculative streams, the default) and
-``PlainDrafter`` (no drafts) live here; ``pld.PromptLookupDrafter`` drafts from
-n-grams of the prompt and output.
+Where drafts come from is the drafter's business (``drafters``): it proposes
+the next forward's tree (topology, rows, tokens) and reads the forward's output
+once the step is accepted. Which drafted tokens are kept is ``verify``'s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Protocol, Sequence
+from typing import Iterator, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from .cache import cache_state, commit, make_cache
-from .forward import ForwardOutput, PruneSettings, forward, logits
-from .masks import Rows, chain_rows
+from .drafters import Drafter, make_drafter
+from .forward import ForwardOutput, forward, logits
+from .masks import chain_rows
 from .model import SpecStreamModel
-from .tree import Tree, accept_greedy, build_tree, draft_token_index, subtree
-from .verify import SamplingParams, accept_sampling, target_logits
+from .tree import subtree
+from .verify import SamplingParams, accept_greedy, accept_sampling, target_logits
 
 
 class ContextOverflowError(ValueError):
     """The prompt (plus the requested tokens) does not fit the model's context."""
-
-
-@dataclass(frozen=True)
-class TreeSettings:
-    """Shape of the draft tree used at every step.
-
-    Attributes:
-        widths: children per node at each depth; ``len(widths) <= gamma``.
-        max_nodes: cap on tree rows, root included.
-        prune_threshold: early-exit pruning threshold (``None``: off).
-        prune_max_keep: cap on rows kept by pruning.
-    """
-
-    widths: tuple = (3, 2, 1)
-    max_nodes: Optional[int] = 16
-    prune_threshold: Optional[float] = None
-    prune_max_keep: Optional[int] = None
 
 
 @dataclass
@@ -64,63 +46,6 @@ class Step:
     accepted: int
     tree_size: int
     prefill: bool = False
-
-
-@dataclass(frozen=True)
-class Draft:
-    """What a drafter proposes for the next forward.
-
-    Attributes:
-        tree: the topology (node 0 is the root, the token just emitted).
-        rows: the forward's rows for that topology (``tree_rows``, or
-            ``chain_rows`` for a chain).
-        tokens: ``(tree.size - 1,)`` drafted tokens of nodes ``1..``, an
-            ``mx.array`` (it may stay on the device).
-        prune: early-exit pruning of the tree, or ``None``.
-    """
-
-    tree: Tree
-    rows: Rows
-    tokens: mx.array
-    prune: Optional[PruneSettings] = None
-
-
-class Drafter(Protocol):
-    """Source of draft trees for ``decode``.
-
-    Attributes:
-        uses_streams: the prefill's last row must produce stream rows.
-        max_depth: deepest draft it can propose (for acceptance statistics).
-        stream_logits_depth: how many streams' logits ``observe`` reads (0: none).
-    """
-
-    uses_streams: bool
-    max_depth: int
-    stream_logits_depth: int
-
-    def propose(self, history: List[int], budget: int) -> Draft:
-        """The draft for the next forward.
-
-        Args:
-            history: prompt plus every emitted token; the last is the root.
-            budget: tokens still wanted after the root (drafts beyond it are wasted).
-        """
-
-    def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
-        """See the forward that produced ``node``'s row (index into ``out``'s main rows).
-
-        ``stream_logits`` (``(S, depth, V)``), when given, are every stream
-        row's logits, already computed with the main rows'.
-        """
-
-
-def tree_rows(tree: Tree) -> Rows:
-    """Rows of a tree forward: every node drafts through its streams."""
-    return Rows(
-        depth=tree.depth,
-        ancestors=tree.mask,
-        stream_nodes=np.arange(tree.size, dtype=np.int64),
-    )
 
 
 def _choose(row_logits: mx.array, sampling: SamplingParams, excluded=()) -> mx.array:
@@ -151,66 +76,6 @@ def _head(model: SpecStreamModel, out: ForwardOutput, depth: int):
     return both[: main.shape[0]], both[main.shape[0] :].reshape(streams.shape[0], depth, -1)
 
 
-def _draft_table(model: SpecStreamModel, streams: mx.array, depth: int, top_k: int,
-                 scores: Optional[mx.array] = None) -> mx.array:
-    """Best ``top_k`` tokens of streams ``1..depth``, best first. ``(gamma, H) -> (depth*top_k,)``.
-
-    ``scores`` (``(depth, V)``) are the streams' logits when already computed.
-    """
-    if scores is None:
-        scores = logits(model, streams[:depth])  # (depth, V)
-    top = mx.argpartition(-scores, kth=top_k - 1, axis=-1)[:, :top_k]
-    order = mx.argsort(-mx.take_along_axis(scores, top, axis=-1), axis=-1)
-    return mx.take_along_axis(top, order, axis=-1).reshape(-1)
-
-
-class StreamDrafter:
-    """Drafts from the speculative streams: a fixed tree, top-k tokens per stream."""
-
-    uses_streams = True
-
-    def __init__(self, model: SpecStreamModel, tree: TreeSettings) -> None:
-        self.model = model
-        self.depth = self.max_depth = min(len(tree.widths), model.config.gamma)
-        self.stream_logits_depth = self.depth
-        self.shape = build_tree(tuple(tree.widths[: self.depth]), tree.max_nodes)
-        self.top_k = int(self.shape.rank.max()) + 1 if self.shape.size > 1 else 1
-        self.index = mx.array(draft_token_index(self.shape, self.top_k))
-        self.rows = tree_rows(self.shape)
-        self.prune = None
-        if tree.prune_threshold is not None:
-            self.prune = PruneSettings(tree.prune_threshold, tree.prune_max_keep)
-        self.table = None
-
-    def propose(self, history: List[int], budget: int) -> Draft:
-        return Draft(self.shape, self.rows, self.table[self.index], self.prune)
-
-    def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
-        slot = int(out.stream_slot[node])
-        scores = None if stream_logits is None else stream_logits[slot]
-        self.table = _draft_table(self.model, out.stream_hidden[slot], self.depth, self.top_k,
-                                  scores)
-
-
-class PlainDrafter:
-    """No drafts: one token per forward through the same code (the baseline)."""
-
-    uses_streams = False
-    max_depth = 0
-    stream_logits_depth = 0
-
-    def __init__(self, model: SpecStreamModel) -> None:
-        shared = model.config.mode == "shared"  # main rows see their own streams
-        self.draft = Draft(build_tree(()), chain_rows(1, [0] if shared else None),
-                           mx.zeros((0,), mx.int32))
-
-    def propose(self, history: List[int], budget: int) -> Draft:
-        return self.draft
-
-    def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
-        pass
-
-
 def _prefill(model, prompt, cache, step_size, shared, speculative,
              streams: Optional[int] = None) -> ForwardOutput:
     """Run the prompt in chunks, committing each; return the last chunk's output."""
@@ -239,11 +104,9 @@ def decode(
     prompt: Sequence[int],
     max_tokens: int,
     sampling: SamplingParams = SamplingParams(),
-    tree: TreeSettings = TreeSettings(),
-    speculative: bool = True,
+    drafter: Optional[Drafter] = None,
     prefill_step_size: int = 512,
     max_context: Optional[int] = None,
-    drafter: Optional[Drafter] = None,
 ) -> Iterator[Step]:
     """Generate tokens with Speculative Streaming (or plain decoding).
 
@@ -253,13 +116,10 @@ def decode(
         max_tokens: stop once this many tokens have been emitted (the last
             step may emit more; callers truncate).
         sampling: greedy or sampling settings.
-        tree: draft tree settings (for the default stream drafter).
-        speculative: ``False`` decodes one token per forward through the same
-            code (the ``--no-spec`` baseline).
+        drafter: where drafts come from (``drafters.make_drafter``); default:
+            the streams with the checkpoint's tree for this backend.
         prefill_step_size: prompt chunk size.
         max_context: the model's context length, if known.
-        drafter: where drafts come from; default: the streams with ``tree``
-            (``PlainDrafter`` when ``speculative`` is ``False``).
 
     Yields:
         One ``Step`` per forward, the prefill first.
@@ -272,8 +132,8 @@ def decode(
             f"model's context of {max_context} tokens: shorten the prompt or lower --max-tokens"
         )
     if drafter is None:
-        drafter = StreamDrafter(model, tree) if speculative else PlainDrafter(model)
-    shared = model.config.mode == "shared"
+        drafter = make_drafter(model)
+    shared = model.config.shared
 
     cache = make_cache(model.num_layers)
     history = list(prompt)

@@ -17,24 +17,12 @@ import numpy as np
 
 from .attention import layer_mask
 from .cache import LayerCache, StepView, rope_offset
+from .config import PruneSettings
 from .families import embed, lm_head
 from .masks import Rows, msa_block, row_positions
 from .model import SpecStreamModel
 from .tree import Tree, prune_tree
 from .treedesc import describe
-
-
-@dataclass(frozen=True)
-class PruneSettings:
-    """Early-exit pruning of a tree before the multi-stream layers.
-
-    Attributes:
-        threshold: minimum path probability of a surviving node.
-        max_keep: optional cap on surviving rows, root included.
-    """
-
-    threshold: float
-    max_keep: Optional[int] = None
 
 
 @dataclass
@@ -139,7 +127,7 @@ def forward(
     """
     config = model.config
     gamma, split = config.gamma, model.first_stream_layer
-    shared = config.mode == "shared"
+    shared = config.shared
     if streams is not None:
         assert 1 <= streams <= gamma and (streams == gamma or not shared), streams
         gamma = streams

@@ -8,9 +8,9 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .decode import ContextOverflowError, Drafter, TreeSettings, decode
+from .decode import ContextOverflowError, decode
+from .drafters import Drafter, make_drafter
 from .model import SpecStreamModel
-from .runtime import tree_settings
 from .verify import SamplingParams
 
 
@@ -91,10 +91,8 @@ def stream_generate(
     top_k: int = 0,
     min_p: float = 0.0,
     seed: Optional[int] = None,
-    tree: Optional[TreeSettings] = None,
-    speculative: bool = True,
-    prefill_step_size: int = 512,
     drafter: Optional[Drafter] = None,
+    prefill_step_size: int = 512,
 ) -> Iterator[GenerationResponse]:
     """Generate text token by token with Speculative Streaming.
 
@@ -106,11 +104,10 @@ def stream_generate(
         temp, top_p, top_k, min_p: sampling settings with mlx-lm's meaning;
             ``temp=0`` is greedy.
         seed: seed for ``mx.random`` (sampling), or ``None`` to leave it.
-        tree: draft tree settings; default: the checkpoint's.
-        speculative: ``False`` decodes one token per forward (baseline).
+        drafter: where drafts come from, from ``drafters.make_drafter`` (a
+            tree, prompt lookup, or ``speculative=False`` for plain decoding);
+            ``None``: the streams with the checkpoint's tree for this backend.
         prefill_step_size: prompt chunk size.
-        drafter: where drafts come from (e.g. ``pld.PromptLookupDrafter``);
-            default: the streams with ``tree``.
 
     Yields:
         ``GenerationResponse`` per generated token; the last has ``finish_reason``.
@@ -123,22 +120,20 @@ def stream_generate(
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     sampling = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     tokens = encode_prompt(tokenizer, prompt)
-    if tree is None:
-        tree = tree_settings(model.config)
+    if drafter is None:
+        drafter = make_drafter(model)
     if seed is not None:
         mx.random.seed(seed)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
-    steps = decode(
-        model, tokens, max_tokens, sampling, tree, speculative,
-        prefill_step_size, max_context(model), drafter,
-    )
+    steps = decode(model, tokens, max_tokens, sampling, drafter, prefill_step_size,
+                   max_context(model))
 
     tic = time.perf_counter()
     prompt_tps = 0.0
     generated, forwards, used_from_forwards = 0, 0, 0
-    depth_hits: List[int] = [0] * (len(tree.widths) if drafter is None else drafter.max_depth)
+    depth_hits: List[int] = [0] * drafter.max_depth
     for step in steps:
         if step.prefill:
             prompt_tps = len(tokens) / (time.perf_counter() - tic)

@@ -16,15 +16,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 from mlx.utils import tree_map, tree_unflatten
 
-from .config import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    CheckpointError,
-    SpecStreamConfig,
-    TreeDefaults,
-    read_config,
-    write_config,
-)
+from .config import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, SpecStreamConfig, TreeSettings, read_config, write_config
 from .families import family_for
 from .atomic import atomic_dir
 from .model import SpecStreamModel
@@ -205,9 +197,9 @@ def fresh_model(base, family, config: SpecStreamConfig, seed: int = 0) -> SpecSt
 
 def _new_config(base, gamma, stream_layers, mode, tree, adapter_rank) -> SpecStreamConfig:
     hidden, vocab, layers = _base_dims(base)
-    tree = tree or TreeDefaults()
+    tree = tree or TreeSettings()
     if len(tree.widths) > gamma:
-        tree = TreeDefaults(tuple(tree.widths[:gamma]), tree.max_nodes, tree.prune_threshold)
+        tree = TreeSettings(tuple(tree.widths[:gamma]), tree.max_nodes, tree.prune_threshold)
     return SpecStreamConfig(
         gamma=gamma, stream_layers=stream_layers, mode=mode, stream_adapter_rank=adapter_rank,
         hidden_size=hidden, vocab_size=vocab, num_layers=layers, tree=tree,
@@ -279,7 +271,7 @@ def init_checkpoint(
     stream_layers: int = 4,
     mode: str = "lossless",
     seed: int = 0,
-    tree: Optional[TreeDefaults] = None,
+    tree: Optional[TreeSettings] = None,
     overwrite: bool = False,
     adapter_rank: int = 0,
 ) -> Path:

@@ -82,7 +82,7 @@ def row_positions(rows: Rows, gamma: int, with_streams: bool) -> np.ndarray:
     """Position offsets (relative to the cache length) of every query row.
 
     Stream ``(i, j)`` stands at ``depth_i + j``: the slot of the token whose
-    successor it guesses (DESIGN.md, "RoPE position of stream rows").
+    successor it guesses (docs/design.md, "RoPE positions of stream rows").
     """
     if not with_streams or rows.stream_nodes.shape[0] == 0:
         return rows.depth
@@ -141,3 +141,12 @@ def build_mask(
     full = np.concatenate([np.ones((size, offset), dtype=bool), block], axis=1)
     k_pos = np.concatenate([np.arange(offset), positions + offset])
     return mx.array(within_window(full, positions + offset, k_pos, window))
+
+
+def tree_rows(tree: "Tree") -> Rows:
+    """Rows of a tree forward: every node drafts through its streams."""
+    return Rows(
+        depth=tree.depth,
+        ancestors=tree.mask,
+        stream_nodes=np.arange(tree.size, dtype=np.int64),
+    )

@@ -4,7 +4,7 @@ A tree holds the rows of one verification forward. Node 0 is the *root*: the
 token the main stream just produced. Node ``i > 0`` at depth ``d`` carries a
 guess for the token ``d`` places after the root, taken from the ``rank``-th best
 token of speculative stream ``d`` (streams predict ``t+1+j`` from position
-``t``; see DESIGN.md section 1).
+``t``; see docs/design.md, "Streams").
 
 Nodes are stored parents-first (every parent index is smaller than its
 children's), which the builder guarantees and the functions here rely on only
@@ -256,26 +256,3 @@ def subtree(tree: Tree, kept: np.ndarray) -> Tree:
     return Tree(parents=parents, depth=tree.depth[kept], rank=tree.rank[kept], tokens=tokens)
 
 
-def accept_greedy(tree: Tree, argmax: np.ndarray) -> list[int]:
-    """Longest path of drafts that greedy decoding would have produced.
-
-    Starting at the root, move to the child whose token equals the argmax of the
-    current node's main logits; siblings hold distinct tokens, so at most one
-    child matches and the path is unique.
-
-    Args:
-        tree: tree with tokens.
-        argmax: ``(N,)`` argmax of each node's main-stream logits.
-
-    Returns:
-        Node indices of the accepted path, starting with the root (0).
-    """
-    assert tree.tokens is not None, "tree needs tokens"
-    path = [0]
-    while True:
-        node = path[-1]
-        want = int(argmax[node])
-        nxt = next((c for c in tree.children[node] if int(tree.tokens[c]) == want), None)
-        if nxt is None:
-            return path
-        path.append(nxt)

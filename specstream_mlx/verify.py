@@ -1,6 +1,6 @@
 """Verification rules: which drafted tokens the model accepts.
 
-Greedy verification is ``tree.accept_greedy``. This module adds sampling:
+Greedy: ``accept_greedy`` walks the tree along the model's argmax. Sampling:
 the target distribution (mlx-lm's temperature / top-p / min-p / top-k
 semantics) and tree rejection sampling, which keeps the output distribution
 exactly the model's.
@@ -67,6 +67,31 @@ def target_logits(logits: mx.array, params: SamplingParams) -> mx.array:
     if params.top_k > 0:
         logprobs = apply_top_k(logprobs, params.top_k)
     return logprobs * (1.0 / params.temp)
+
+
+def accept_greedy(tree: Tree, argmax: np.ndarray) -> list[int]:
+    """Longest path of drafts that greedy decoding would have produced.
+
+    Starting at the root, move to the child whose token equals the argmax of the
+    current node's main logits; siblings hold distinct tokens, so at most one
+    child matches and the path is unique.
+
+    Args:
+        tree: tree with tokens.
+        argmax: ``(N,)`` argmax of each node's main-stream logits.
+
+    Returns:
+        Node indices of the accepted path, starting with the root (0).
+    """
+    assert tree.tokens is not None, "tree needs tokens"
+    path = [0]
+    while True:
+        node = path[-1]
+        want = int(argmax[node])
+        nxt = next((c for c in tree.children[node] if int(tree.tokens[c]) == want), None)
+        if nxt is None:
+            return path
+        path.append(nxt)
 
 
 def accept_sampling(

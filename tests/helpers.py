@@ -125,10 +125,18 @@ def ss_model(family: str, gamma: int = 3, stream_layers: int = 2, mode: str = "l
     return model
 
 
-def decode_tokens(model, prompt, max_tokens, **kwargs) -> tuple:
-    """Tokens from ``decode`` truncated to ``max_tokens``, plus the steps."""
-    from specstream_mlx.decode import decode
+def decode_tokens(model, prompt, max_tokens, tree=None, speculative=True, drafter=None,
+                  **kwargs) -> tuple:
+    """Tokens from ``decode`` truncated to ``max_tokens``, plus the steps.
 
-    steps = list(decode(model, prompt, max_tokens, **kwargs))
+    ``tree`` / ``speculative`` choose the drafter through ``make_drafter``
+    (unless ``drafter`` is given); other keywords go to ``decode``.
+    """
+    from specstream_mlx.decode import decode
+    from specstream_mlx.drafters import make_drafter
+
+    if drafter is None:
+        drafter = make_drafter(model, tree, speculative=speculative)
+    steps = list(decode(model, prompt, max_tokens, drafter=drafter, **kwargs))
     tokens = [t for s in steps for t in s.tokens][:max_tokens]
     return tokens, steps

@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 from helpers import write_base
 from specstream_mlx import generate, load, stream_generate
 from specstream_mlx.cli import app
-from specstream_mlx.config import CheckpointError
-from specstream_mlx.decode import ContextOverflowError, TreeSettings
+from specstream_mlx.config import CheckpointError, TreeSettings
+from specstream_mlx.decode import ContextOverflowError
+from specstream_mlx.drafters import make_drafter
 from specstream_mlx.loading import init_checkpoint
 
 PROMPT = "The quick brown fox"
@@ -42,9 +43,10 @@ def test_generate_equals_mlx_lm_text(checkpoint, loaded):
     model, tokenizer = loaded
     want = _mlx_lm_text(checkpoint, PROMPT, 40)
     assert generate(model, tokenizer, PROMPT, max_tokens=40) == want
-    assert generate(model, tokenizer, PROMPT, max_tokens=40, speculative=False) == want
     assert generate(model, tokenizer, PROMPT, max_tokens=40,
-                    tree=TreeSettings((1, 1, 1), None)) == want
+                    drafter=make_drafter(model, speculative=False)) == want
+    assert generate(model, tokenizer, PROMPT, max_tokens=40,
+                    drafter=make_drafter(model, TreeSettings((1, 1, 1), None))) == want
 
 
 def test_stream_generate_stats(loaded):

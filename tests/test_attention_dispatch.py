@@ -19,10 +19,14 @@ from helpers import CONFIGS, base_model, random_prompt, reference_tokens
 from kernel_cases import get_emulator
 from specstream_mlx import attention
 from specstream_mlx.cache import make_cache
-from specstream_mlx.config import SpecStreamConfig, TreeDefaults
-from specstream_mlx.decode import TreeSettings, decode, tree_rows
+from specstream_mlx.config import SpecStreamConfig, TreeSettings
+from specstream_mlx.config import TreeSettings
+from specstream_mlx.decode import decode
+from specstream_mlx.drafters import make_drafter
+from specstream_mlx.masks import tree_rows
 from specstream_mlx.families import family_for
-from specstream_mlx.forward import PruneSettings, forward, logits
+from specstream_mlx.config import PruneSettings
+from specstream_mlx.forward import forward, logits
 from specstream_mlx.kernels_metal import emulator
 from specstream_mlx.masks import chain_rows
 from specstream_mlx.model import SpecStreamModel
@@ -40,7 +44,7 @@ def wide_model(family: str, seed: int = 0, mode: str = "lossless") -> SpecStream
         base, config = base_model(key, seed)
     ss = SpecStreamConfig(gamma=3, stream_layers=2, mode=mode, hidden_size=128,
                           vocab_size=config["vocab_size"], num_layers=4,
-                          tree=TreeDefaults(widths=(2, 1), max_nodes=4))
+                          tree=TreeSettings(widths=(2, 1), max_nodes=4))
     model = SpecStreamModel(base, ss, family_for(config["model_type"]))
     model.stream_embeddings = mx.random.normal((3, 128), key=mx.random.key(seed)) * 0.5
     mx.eval(model.parameters())
@@ -160,7 +164,7 @@ def test_greedy_decode_lossless_with_fused_forced_on(monkeypatch, family, seed):
     calls = []
     got, accepted = [], 0
     with attention.fused_override(emulated(calls)):
-        for step in decode(model, prompt, 16, tree=TreeSettings((2, 1), 4)):
+        for step in decode(model, prompt, 16, drafter=make_drafter(model, TreeSettings((2, 1), 4))):
             got.extend(step.tokens)
             accepted += step.accepted
     assert got[:16] == want

@@ -6,11 +6,11 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import write_base, write_tokenizer
-from specstream_mlx.bench import BenchError, Run, _steps_from_flags, parse_methods, sweep_settings
-from specstream_mlx.bench_prompts import load_prompts
-from specstream_mlx.bench_report import best_sweep, summarize
-from specstream_mlx.config import CheckpointError, TreeDefaults, read_config, save_backend_tree
-from specstream_mlx.runtime import tree_settings
+from specstream_mlx.bench.run import BenchError, Run, _steps_from_flags, parse_methods, sweep_settings
+from specstream_mlx.bench.prompts import load_prompts
+from specstream_mlx.bench.report import best_sweep, summarize
+from specstream_mlx.config import CheckpointError, TreeSettings, read_config, save_backend_tree
+from specstream_mlx.config import tree_settings
 from specstream_mlx.cli import app
 from specstream_mlx.loading import init_checkpoint
 
@@ -138,7 +138,7 @@ def test_sweep_save_tree_sets_this_backends_default(checkpoint, data, tmp_path):
     assert best["speedup"] == max(results["methods"][s["name"]]["speedup"]["median"]
                                   for s in results["sweep"])
     config = read_config(model)
-    saved = TreeDefaults(tuple(best["widths"]), best["max_nodes"], None)
+    saved = TreeSettings(tuple(best["widths"]), best["max_nodes"], None)
     assert config.tree_by_backend == {"cpu": saved}
     assert config.tree == read_config(checkpoint).tree  # the fallback is untouched
     assert f"as the cpu default in {model}" in result.output
@@ -172,12 +172,12 @@ def test_backend_trees_are_checked(checkpoint, tmp_path):
 
     model = shutil.copytree(checkpoint, tmp_path / "ss")
     with pytest.raises(CheckpointError, match="unknown backends"):
-        save_backend_tree(model, "tpu", TreeDefaults((1,), None, None))
+        save_backend_tree(model, "tpu", TreeSettings((1,), None, None))
     with pytest.raises(CheckpointError, match="exceeds gamma=3"):
-        save_backend_tree(model, "gpu-cuda", TreeDefaults((1, 1, 1, 1), None, None))
+        save_backend_tree(model, "gpu-cuda", TreeSettings((1, 1, 1, 1), None, None))
     assert read_config(model).tree_by_backend == {}  # a refused tree is not written
-    save_backend_tree(model, "gpu-cuda", TreeDefaults((4, 2, 1), 24, None))
-    assert read_config(model).default_tree("gpu-cuda") == TreeDefaults((4, 2, 1), 24, None)
+    save_backend_tree(model, "gpu-cuda", TreeSettings((4, 2, 1), 24, None))
+    assert read_config(model).default_tree("gpu-cuda") == TreeSettings((4, 2, 1), 24, None)
     config = json.loads((model / "specstream.json").read_text())
     config["tree_by_backend"] = {"cpu": [1, 1]}
     (model / "specstream.json").write_text(json.dumps(config))
@@ -306,7 +306,7 @@ def test_draft_model_option_counts_target_forwards(checkpoint, data, tmp_path):
 def test_outputs_without_matplotlib(full_run, tmp_path, monkeypatch):
     import sys
 
-    from specstream_mlx.bench_report import write_outputs
+    from specstream_mlx.bench.report import write_outputs
 
     results = json.loads((full_run[0] / "results.json").read_text())
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails

@@ -15,7 +15,7 @@ from helpers import decode_tokens, random_prompt, reference_tokens, write_base
 from specstream_mlx.cli import app
 from specstream_mlx.convert import ConversionError
 from specstream_mlx.convert import default_model
-from specstream_mlx.decode import TreeSettings
+from specstream_mlx.config import TreeSettings
 from specstream_mlx.loading import load
 
 runner = CliRunner()

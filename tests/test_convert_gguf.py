@@ -21,7 +21,7 @@ from helpers import decode_tokens, random_prompt, reference_tokens  # noqa: E402
 from hf_models import hf_greedy, hf_logits, hf_model  # noqa: E402
 from specstream_mlx.convert import ConversionError, convert  # noqa: E402
 from specstream_mlx.convert.default_model import wheel_gguf  # noqa: E402
-from specstream_mlx.decode import TreeSettings  # noqa: E402
+from specstream_mlx.config import TreeSettings  # noqa: E402
 from specstream_mlx.forward import forward, logits  # noqa: E402
 from specstream_mlx.cache import make_cache  # noqa: E402
 from specstream_mlx.loading import load  # noqa: E402

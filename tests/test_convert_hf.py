@@ -21,7 +21,9 @@ from specstream_mlx.convert import convert  # noqa: E402
 from specstream_mlx.convert.hf_config import mlx_config  # noqa: E402
 from specstream_mlx.convert.reference import SpecStreamReference  # noqa: E402
 from specstream_mlx.convert.streams import save_torch_checkpoint  # noqa: E402
-from specstream_mlx.decode import TreeSettings, tree_rows  # noqa: E402
+from specstream_mlx.config import TreeSettings
+from specstream_mlx.drafters import tree_rows  # noqa: E402
+from specstream_mlx.masks import tree_rows
 from specstream_mlx.forward import forward, logits  # noqa: E402
 from specstream_mlx.loading import load  # noqa: E402
 from specstream_mlx.masks import chain_rows  # noqa: E402

@@ -25,7 +25,7 @@ from specstream_mlx.convert import convert, default_model  # noqa: E402
 from specstream_mlx.coreml import export as ex  # noqa: E402
 from specstream_mlx.coreml import host, interface, package  # noqa: E402
 from specstream_mlx.coreml.parity import compare, worst  # noqa: E402
-from specstream_mlx.decode import TreeSettings  # noqa: E402
+from specstream_mlx.config import TreeSettings  # noqa: E402
 from specstream_mlx.loading import init_checkpoint, load, save_streams  # noqa: E402
 
 runner = CliRunner()

@@ -17,7 +17,7 @@ from helpers import decode_tokens, random_prompt, ss_model  # noqa: E402
 from specstream_mlx.coreml import export as ex  # noqa: E402
 from specstream_mlx.coreml import host, interface  # noqa: E402
 from specstream_mlx.coreml.parity import compare, deepest_path, worst  # noqa: E402
-from specstream_mlx.decode import TreeSettings  # noqa: E402
+from specstream_mlx.config import TreeSettings  # noqa: E402
 
 SIZES, CONTEXT = (4, 8, 12), 64
 CASES = [("llama", "lossless", 4), ("qwen2", "shared", 0), ("phi3", "lossless", 0), ("qwen3", "shared", 4)]

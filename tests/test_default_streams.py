@@ -4,7 +4,7 @@ import pytest
 
 from helpers import decode_tokens, reference_tokens
 from specstream_mlx.convert import default_model
-from specstream_mlx.decode import TreeSettings
+from specstream_mlx.config import TreeSettings
 
 pytestmark = pytest.mark.skipif(
     default_model.wheel_gguf() is None or default_model.packaged_streams() is None,

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from helpers import write_base
 from specstream_mlx.cli import app
-from specstream_mlx.evaluate import paired_difference
+from specstream_mlx.bench.evaluate import paired_difference
 
 
 def test_paired_difference_mean_and_stderr():

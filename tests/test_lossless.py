@@ -10,7 +10,7 @@ import functools
 import pytest
 
 from helpers import FAMILIES, decode_tokens, random_prompt, reference_tokens, ss_model
-from specstream_mlx.decode import TreeSettings
+from specstream_mlx.config import TreeSettings
 
 SHAPES = {
     "chain": TreeSettings((1, 1, 1), None),

@@ -5,7 +5,7 @@ import pytest
 
 from helpers import decode_tokens, ss_model
 from specstream_mlx import decode as decode_module
-from specstream_mlx.pld import PromptLookupDrafter, find_draft
+from specstream_mlx.drafters import PromptLookupDrafter, find_draft
 
 
 @pytest.mark.parametrize("history, kwargs, want", [
@@ -86,8 +86,9 @@ def test_pld_in_shared_mode_runs_streams_for_every_row(monkeypatch):
 
 @pytest.mark.parametrize("mode, widths", [("lossless", (1,)), ("lossless", (2, 1)), ("shared", (1, 1))])
 def test_streams_plus_lookup_equal_plain_decoding(monkeypatch, mode, widths):
-    from specstream_mlx.decode import TreeSettings, build_tree
-    from specstream_mlx.pld import StreamLookupDrafter
+    from specstream_mlx.config import TreeSettings
+    from specstream_mlx.tree import build_tree
+    from specstream_mlx.drafters import StreamLookupDrafter
 
     model = ss_model("llama", mode=mode, seed=4)
     prompt = [10, 20, 30, 40, 50] * 6

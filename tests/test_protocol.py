@@ -7,8 +7,8 @@ import random
 import pytest
 
 from specstream_mlx.prompts import format_messages, format_prompt
-from specstream_mlx.protocol import APIError, Responses, parse_request, resolve_max_tokens
-from specstream_mlx.stops import StopMatcher
+from specstream_mlx.serve.protocol import APIError, Responses, parse_request, resolve_max_tokens
+from specstream_mlx.serve.stops import StopMatcher
 
 
 def _expected(text, stops, cuts):

@@ -16,7 +16,8 @@ from specstream_mlx.cache import commit, make_cache  # noqa: E402
 from specstream_mlx.convert import ConversionError, convert  # noqa: E402
 from specstream_mlx.convert.streams import read_streams, save_torch_checkpoint  # noqa: E402
 from specstream_mlx.convert.to_torch import to_reference  # noqa: E402
-from specstream_mlx.decode import tree_rows  # noqa: E402
+from specstream_mlx.drafters import tree_rows  # noqa: E402
+from specstream_mlx.masks import tree_rows
 from specstream_mlx.forward import forward, logits  # noqa: E402
 from specstream_mlx.loading import load  # noqa: E402
 from specstream_mlx.masks import chain_rows  # noqa: E402

@@ -9,8 +9,9 @@ import pytest
 scipy_stats = pytest.importorskip("scipy.stats")
 
 import specstream_mlx.decode as decode_module  # noqa: E402
+import specstream_mlx.drafters as drafters  # noqa: E402
 from helpers import decode_tokens, random_prompt, ss_model  # noqa: E402
-from specstream_mlx.decode import TreeSettings  # noqa: E402
+from specstream_mlx.config import TreeSettings  # noqa: E402
 from specstream_mlx.verify import SamplingParams, accept_sampling, target_logits  # noqa: E402
 
 SAMPLING = SamplingParams(temp=1.3, top_k=6)
@@ -57,7 +58,7 @@ def _fixed_drafts(monkeypatch):
         ranked = sorted(marginals[position], key=marginals[position].get, reverse=True)
         table += (ranked + ranked[:1] * 3)[:3]
     fixed = mx.array(table)
-    monkeypatch.setattr(decode_module, "_draft_table", lambda *args: fixed)
+    monkeypatch.setattr(drafters, "_draft_table", lambda *args: fixed)
 
 
 def _sample_runs(steps, seed=0, drafter=None):
@@ -102,18 +103,17 @@ def test_tree_sampling_matches_model_distribution(monkeypatch):
 
 def test_streams_plus_lookup_sampling_matches_model_distribution(monkeypatch):
     """Grafted lookup nodes are tried after the streams' siblings; the rule stays exact."""
-    from specstream_mlx import pld
 
     _fixed_drafts(monkeypatch)
     ranked = [sorted(m, key=m.get, reverse=True) for m in _marginals()]
     # a chain whose first token is not among the streams' top 3: it grafts new nodes
     chain = [ranked[1][min(3, len(ranked[1]) - 1)], ranked[2][0]]
-    monkeypatch.setattr(pld, "find_draft", lambda *args: list(chain))
+    monkeypatch.setattr(drafters, "find_draft", lambda *args: list(chain))
     grown = []
     real_forward = decode_module.forward
     monkeypatch.setattr(decode_module, "forward", lambda model, tokens, rows, cache, **kw: (
         grown.append(rows.size), real_forward(model, tokens, rows, cache, **kw))[1])
-    drafter = lambda: pld.StreamLookupDrafter(_model(), TreeSettings((3, 2), None), num_tokens=2)  # noqa: E731
+    drafter = lambda: drafters.StreamLookupDrafter(_model(), TreeSettings((3, 2), None), num_tokens=2)  # noqa: E731
     samples, accepted = _sample_runs(3, seed=2, drafter=drafter)
     assert max(grown) > 1 + 3 + 6, "no lookup node was grafted"
     assert accepted > RUNS // 5

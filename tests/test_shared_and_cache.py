@@ -6,7 +6,8 @@ import pytest
 
 from helpers import decode_tokens, random_prompt, ss_model
 from specstream_mlx.cache import cache_length, commit, make_cache
-from specstream_mlx.decode import TreeSettings, tree_rows
+from specstream_mlx.config import TreeSettings
+from specstream_mlx.masks import tree_rows
 from specstream_mlx.forward import forward, logits
 from specstream_mlx.masks import chain_rows
 from specstream_mlx.rope import PositionalRoPE, RowPositions
@@ -98,7 +99,7 @@ def test_commit_with_pruning_maps_rows():
     cache = make_cache(model.num_layers)
     forward(model, mx.array(prompt), chain_rows(12, [11]), cache)
     commit(cache, np.arange(12), None, model.num_layers)
-    from specstream_mlx.forward import PruneSettings
+    from specstream_mlx.config import PruneSettings
 
     tree = build_tree((3, 1))  # 0; 1,2,3; 4,5,6
     tokens = mx.array([5, 6, 7, 8, 9, 10, 11])

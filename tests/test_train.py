@@ -12,15 +12,15 @@ from typer.testing import CliRunner
 from helpers import VOCAB, base_model, decode_tokens, random_prompt, reference_tokens, write_base
 from specstream_mlx.cli import app
 from specstream_mlx.config import SpecStreamConfig
-from specstream_mlx.data import DataError, Example, load_examples
-from specstream_mlx.decode import TreeSettings
+from specstream_mlx.train.data import DataError, Example, load_examples
+from specstream_mlx.config import TreeSettings
 from specstream_mlx.families import family_for
 from specstream_mlx.forward import forward
 from specstream_mlx.cache import make_cache
 from specstream_mlx.loading import fresh_model
-from specstream_mlx.losses import LossWeights, loss_fn, train_forward
+from specstream_mlx.train.losses import LossWeights, loss_fn, train_forward
 from specstream_mlx.masks import chain_rows
-from specstream_mlx.trainer import TrainConfig, make_trainable, train, trainable_names
+from specstream_mlx.train.loop import TrainConfig, make_trainable, train, trainable_names
 
 
 def _model(mode="lossless", adapter_rank=16, family="llama"):
@@ -64,7 +64,7 @@ def test_self_distilled_streams_speed_up_lossless_decoding(tmp_path, base_dir):
     """Streams trained on the base's own greedy output get accepted, output unchanged."""
     from mlx_lm.utils import load_tokenizer
 
-    from specstream_mlx.distill import distill
+    from specstream_mlx.train.distill import distill
 
     model = _model()
     prompts = [Example(tuple(random_prompt(8, seed)), 8) for seed in range(64)]
@@ -133,7 +133,7 @@ def test_training_forward_matches_inference_forward():
 
 def _train_interrupted(monkeypatch, model, examples, config, base_dir, out, at, **kwargs):
     """Train until the checkpoint of step ``at`` is written, then 'crash'."""
-    import specstream_mlx.trainer as trainer
+    import specstream_mlx.train.loop as trainer
 
     real_save = trainer.save_checkpoint
 
@@ -165,7 +165,7 @@ def test_resume_continues_identically(tmp_path, base_dir, monkeypatch, embedding
 
 
 def test_interrupted_save_keeps_last_checkpoint(tmp_path, base_dir, monkeypatch):
-    import specstream_mlx.trainer as trainer
+    import specstream_mlx.train.loop as trainer
 
     model = _model()
     config = TrainConfig(iters=4, batch_size=4, max_seq_len=32, report_every=100, save_every=2)
@@ -264,7 +264,7 @@ def test_cli_train_fresh_streams_over_a_checkpoint(tmp_path, base_dir):
 
 
 def test_rouge_and_exact_match():
-    from specstream_mlx.evaluate import exact_match, rouge_l
+    from specstream_mlx.bench.evaluate import exact_match, rouge_l
 
     assert rouge_l("the cat sat", "the cat sat") == 1.0
     assert rouge_l("", "x") == 0.0
@@ -276,7 +276,7 @@ def test_rouge_and_exact_match():
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_cached_stream_rows_match_training_forward(family):
-    from specstream_mlx.cached_train import precompute, stream_hidden
+    from specstream_mlx.train.cached import precompute, stream_hidden
 
     model = _model(family=family)
     tokens = random_prompt(30, seed=3)  # longer than Gemma 3's window (8)
@@ -295,7 +295,7 @@ def test_cached_stream_rows_match_training_forward(family):
 def test_cached_training_learns_and_resumes(tmp_path, base_dir, monkeypatch):
     from mlx_lm.utils import load_tokenizer
 
-    from specstream_mlx.distill import distill
+    from specstream_mlx.train.distill import distill
 
     model = _model()
     prompts = [Example(tuple(random_prompt(8, seed)), 8) for seed in range(48)]
@@ -356,7 +356,7 @@ def test_adapters_act_relative_to_their_rows_scale():
 def test_distillation_cache_is_reused_and_checked(tmp_path):
     from mlx_lm.utils import load_tokenizer
 
-    from specstream_mlx.distill import distill
+    from specstream_mlx.train.distill import distill
 
     base_dir = write_base(tmp_path / "base", "llama")
     model, tokenizer = _model(), load_tokenizer(base_dir)

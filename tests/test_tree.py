@@ -4,17 +4,8 @@ import numpy as np
 import pytest
 
 from specstream_mlx.masks import Rows, build_mask, chain_rows, msa_block, row_positions
-from specstream_mlx.tree import (
-    Tree,
-    accept_greedy,
-    ancestor_mask,
-    build_tree,
-    chain_tree,
-    draft_token_index,
-    path_logprobs,
-    prune_tree,
-    subtree,
-)
+from specstream_mlx.tree import Tree, ancestor_mask, build_tree, chain_tree, draft_token_index, path_logprobs, prune_tree, subtree
+from specstream_mlx.verify import accept_greedy
 
 
 def test_build_tree_two_by_one():

@@ -18,7 +18,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..tree import Tree, accept_greedy
+from ..tree import Tree
+from ..verify import accept_greedy
 from . import interface
 
 INPUT_ROLES = tuple(interface.interface()["inputs"])

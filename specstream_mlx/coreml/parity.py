@@ -44,7 +44,7 @@ def compare(backend, model, layout: Layout, tree_size: Optional[int] = None,
     import mlx.core as mx
 
     from ..cache import commit, make_cache
-    from ..decode import tree_rows
+    from ..masks import tree_rows
     from ..forward import forward, logits
     from ..masks import chain_rows
 

@@ -1,4 +1,4 @@
-"""``specstream-mlx train`` and ``specstream-mlx eval``: option parsing only."""
+"""``specstream-mlx train``: option parsing only (the work is ``train.loop``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .cli import UsageError, _run, app
+from .app import UsageError, _run, app
 
 
 @app.command()
@@ -56,16 +56,16 @@ def train(
     seed: int = typer.Option(0),
 ):
     """Fine-tune the streams (lossless) or streams + LoRA (shared mode)."""
-    from .data import load_examples
-    from .distill import distill as run_distill
-    from .evaluate import speed_on_prompts
-    from .config import read_config
-    from .loading import load_for_training
-    from .losses import LossWeights
-    from .trainer import STATE_JSON, TrainConfig, train as run_train
+    from ..train.data import load_examples
+    from ..train.distill import distill as run_distill
+    from ..bench.evaluate import speed_on_prompts
+    from ..config import MODES, read_config
+    from ..loading import load_for_training
+    from ..train.losses import LossWeights
+    from ..train.loop import STATE_JSON, TrainConfig, train as run_train
 
     def run():
-        if mode not in (None, "lossless", "shared"):
+        if mode not in (None, *MODES):
             raise UsageError(f"--mode must be lossless or shared, got {mode!r}")
         if positions is not None and positions < 1:
             raise UsageError(f"--positions must be at least 1, got {positions}")
@@ -85,7 +85,7 @@ def train(
                         "adapter_rank": own.stream_adapter_rank}
         ss_model, tokenizer, base_dir = load_for_training(
             source, mode=mode, seed=seed, fresh_streams=fresh, **settings)
-        shared = ss_model.config.mode == "shared"
+        shared = ss_model.config.shared
         use_cache = (not shared) if cached is None else cached
         if use_cache and shared:
             raise UsageError("--cached works in lossless mode only (shared mode trains the main stream)")
@@ -117,34 +117,5 @@ def train(
                             resume=out if resume else None, validate=validate, cached=use_cache,
                             extra_state={"fresh_streams": fresh})
         typer.echo(json.dumps(figures, indent=2))
-
-    _run(run)
-
-
-@app.command("eval")
-def eval_command(
-    model: str = typer.Option(..., "--model", help="Checkpoint to evaluate."),
-    data: str = typer.Option(..., "--data", help="JSONL with prompt/completion or messages."),
-    metric: str = typer.Option("rouge", help="rouge (ROUGE-L) | exact (SQL exact match)."),
-    limit: Optional[int] = typer.Option(None, "--num", help="Only the first N examples."),
-    max_tokens: int = typer.Option(128, "-m", "--max-tokens"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON."),
-    no_spec: bool = typer.Option(False, "--no-spec",
-                                 help="Plain decoding (same text in lossless mode; for untrained streams)."),
-):
-    """Task quality and tokens per forward on a JSONL set."""
-    from .evaluate import evaluate
-    from .loading import load
-
-    def run():
-        if metric not in ("rouge", "exact"):
-            raise UsageError(f"--metric must be rouge or exact, got {metric!r}")
-        ss_model, tokenizer = load(model)
-        figures = evaluate(ss_model, tokenizer, data, metric, limit, max_tokens,
-                           speculative=not no_spec)
-        summary = {k: v for k, v in figures.items() if k not in ("scores", "outputs")}
-        typer.echo(json.dumps(summary, indent=2))
-        if out is not None:
-            out.write_text(json.dumps(figures, indent=2) + "\n")
 
     _run(run)

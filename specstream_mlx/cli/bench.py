@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .cli import check_decode_options, UsageError, _parse_widths, _run, app
+from .app import check_decode_options, UsageError, _parse_widths, _run, app
 
 _SWEEP_WIDTHS = "1;1,1;1,1,1;2,1;2,1,1;2,2,1;3,2,1;3,3,1"
 _SWEEP_NODES = "4,8,16"
@@ -38,14 +38,14 @@ def _command_line(ctx: typer.Context) -> str:
 
 
 def _save_best_tree(results: dict, model_dir: Path) -> None:
-    from .bench_report import best_sweep
-    from .config import TreeDefaults, save_backend_tree
+    from ..bench.report import best_sweep
+    from ..config import TreeSettings, save_backend_tree
 
     best = best_sweep(results)
     if best is None:
         raise UsageError("--save-tree: no sweep setting has a measured speedup; nothing saved")
     backend = results["environment"]["backend"]
-    tree = TreeDefaults(tuple(best["widths"]), best["max_nodes"], best["prune_threshold"])
+    tree = TreeSettings(tuple(best["widths"]), best["max_nodes"], best["prune_threshold"])
     save_backend_tree(model_dir, backend, tree)
     typer.echo(f"saved tree {','.join(map(str, tree.widths))} (max nodes {tree.max_nodes or 'all'}, "
                f"{best['speedup']:.2f}x over ar) as the {backend} default in {model_dir}")
@@ -82,8 +82,8 @@ def bench(
     """Speed of SS against mlx-lm and other speculative methods: table, JSON and plot."""
 
     def run():
-        from .bench import BenchSettings, parse_methods, run_bench
-        from .bench_report import format_table, write_outputs
+        from ..bench.run import BenchSettings, parse_methods, run_bench
+        from ..bench.report import format_table, write_outputs
 
         check_decode_options(max_tokens, temp, max_nodes)
         if num_prompts is not None and num_prompts < 1:

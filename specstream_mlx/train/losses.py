@@ -1,4 +1,4 @@
-"""Training forward and loss of a Speculative Streaming model (DESIGN.md section 1).
+"""Training forward and loss of a Speculative Streaming model (docs/design.md, "Streams").
 
 Every position ``t`` of a training sequence gets its ``gamma`` stream rows in
 the top ``Ns`` layers, under the same MSA mask as at inference (built by
@@ -19,11 +19,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .families import embed, lm_head
-from .forward import adapt_streams
-from .masks import chain_rows, msa_block, row_positions, within_window
-from .model import SpecStreamModel
-from .rope import RowPositions
+from ..families import embed, lm_head
+from ..forward import adapt_streams
+from ..masks import chain_rows, msa_block, row_positions, within_window
+from ..model import SpecStreamModel
+from ..rope import RowPositions
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def train_forward(model: SpecStreamModel, tokens: mx.array):
     early_exit = model.base.model.norm(model.prune_adapter(h))
     streams = h[:, :, None, :] + model.stream_embeddings.astype(h.dtype)  # (B, T, gamma, H)
     h = mx.concatenate([h, streams.reshape(batch, length * gamma, -1)], axis=1)
-    block = msa_block(rows, gamma, config.mode == "shared")
+    block = msa_block(rows, gamma, config.shared)
     all_positions = row_positions(rows, gamma, with_streams=True)
     offset = RowPositions(mx.array(all_positions.astype(np.int32)))
     masks = {}

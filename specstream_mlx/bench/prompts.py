@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from .generate import encode_prompt
-from .prompts import format_prompt
+from ..generate import encode_prompt
+from ..prompts import format_prompt
 
 
 class BenchError(ValueError):

@@ -24,11 +24,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 from urllib.parse import urlsplit
 
-from .engine import Engine, GenerationRequest, Job, QueueFullError
+from .worker import Engine, GenerationRequest, Job, QueueFullError
 from .protocol import (APIError, ParsedRequest, Responses, error_body, parse_request,
                        resolve_max_tokens, usage)
 
-log = logging.getLogger("specstream_mlx.server")
+log = logging.getLogger("specstream_mlx.serve.http")
 
 MAX_BODY = 8 * 1024 * 1024
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -78,7 +78,7 @@ class App:
     """What the request handlers share: the engine, the tokenizer, the settings."""
 
     def __init__(self, engine: Engine, model_id: str, settings: ServerSettings):
-        from .generate import max_context
+        from ..generate import max_context
 
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -91,8 +91,8 @@ class App:
 
     def prompt_tokens(self, req: ParsedRequest) -> list:
         """Token ids of the request's prompt (chat: through the chat template)."""
-        from .generate import encode_prompt
-        from .prompts import format_messages
+        from ..generate import encode_prompt
+        from ..prompts import format_messages
 
         if req.chat:
             try:
@@ -371,7 +371,7 @@ def serve(settings: ServerSettings) -> None:
         ServerStartError: the address cannot be bound.
         CheckpointError, UnsupportedArchitectureError: the model cannot be loaded.
     """
-    from .loading import load
+    from ..loading import load
 
     if settings.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {settings.max_queue}")

@@ -24,11 +24,11 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
+from ..config import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
 from .data import Example, batch_indices, collate
 from .losses import LossWeights, loss_fn
-from .atomic import atomic_dir
-from .model import SpecStreamModel
+from ..atomic import atomic_dir
+from ..model import SpecStreamModel
 
 STATE_JSON = "training_state.json"
 STATE_WEIGHTS = "training_state.safetensors"
@@ -65,7 +65,7 @@ def make_trainable(model: SpecStreamModel, config: TrainConfig) -> None:
     gradients never need to flow through the frozen lower layers.
     """
     model.freeze()
-    if model.config.mode == "shared":
+    if model.config.shared:
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
         linear_to_lora_layers(
@@ -128,10 +128,10 @@ def fused_base_weights(model: SpecStreamModel) -> dict:
 def save_checkpoint(model, optimizer, step: int, config: TrainConfig, base_dir: Path,
                     out: Path, extra: dict) -> None:
     """Write a complete checkpoint for ``step`` to ``out``, atomically."""
-    from .loading import save_streams
+    from ..loading import save_streams
 
     with atomic_dir(Path(out)) as tmp:
-        shared = model.config.mode == "shared"
+        shared = model.config.shared
         for item in Path(base_dir).iterdir():
             if not item.is_file() or item.name.startswith((".", "training_state")):
                 continue
@@ -209,7 +209,7 @@ def train(
             forward on validation prompts), run every ``val_every`` steps.
         extra_state: JSON-able facts stored with each checkpoint.
         cached: lossless mode only: compute the frozen main stream once and
-            train on the stream rows alone (``cached_train``); much faster.
+            train on the stream rows alone (``train.cached``); much faster.
 
     Returns:
         The last step's figures (``loss``, per-stream loss/accuracy, ``tokens_per_sec``).
@@ -221,7 +221,7 @@ def train(
         optimizer.init(model.trainable_parameters())
         start = restore_state(model, optimizer, resume)
     if cached:
-        from .cached_train import CachedLoss, precompute
+        from .cached import CachedLoss, precompute
 
         examples = [Example(e.tokens[: config.max_seq_len], e.loss_start) for e in examples
                     if e.loss_start < min(len(e.tokens), config.max_seq_len) - 1]

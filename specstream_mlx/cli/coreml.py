@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .cli import UsageError, _parse_ints, _run, app
+from .app import UsageError, _parse_ints, _run, app
 
 
 @app.command("export-coreml")
@@ -25,7 +25,7 @@ def export_coreml(
     """Export a checkpoint as a Core ML ML Program (macOS 15 / iOS 18, KV cache as state)."""
 
     def run():
-        from .coreml.export import ExportOptions, export_coreml as export
+        from ..coreml.export import ExportOptions, export_coreml as export
 
         sizes = _parse_ints(tree_sizes, "--tree-sizes")
         if any(s < 1 for s in sizes):

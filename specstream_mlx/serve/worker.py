@@ -19,11 +19,12 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 
-from .decode import TreeSettings
-from .generate import stream_generate
+from ..config import TreeSettings
+from ..drafters import make_drafter
+from ..generate import stream_generate
 from .stops import StopMatcher
 
-log = logging.getLogger("specstream_mlx.server")
+log = logging.getLogger("specstream_mlx.serve.http")
 
 
 class QueueFullError(RuntimeError):
@@ -266,7 +267,7 @@ class Engine:
         steps = stream_generate(
             self.model, self.tokenizer, r.prompt_tokens, r.max_tokens,
             temp=r.temperature, top_p=r.top_p, top_k=r.top_k, min_p=r.min_p,
-            seed=r.seed, tree=self.tree, speculative=self.speculative,
+            seed=r.seed, drafter=make_drafter(self.model, self.tree, speculative=self.speculative),
         )
         last, finish = None, None
         try:

@@ -5,9 +5,10 @@ Methods (``METHODS``):
 * ``ar``: mlx-lm's own ``stream_generate`` of the base model (the baseline);
 * ``ss``: Speculative Streaming with the given tree;
 * ``ss-chain``: SS with a single chain of ``gamma`` drafts (no tree);
-* ``pld``: prompt-lookup decoding (``pld``) through the same verification code;
+* ``pld``: prompt-lookup decoding (``drafters.PromptLookupDrafter``) through the same
+  verification code;
 * ``ss-pld``: the ``ss`` tree plus a prompt-lookup chain in the same forward
-  (``pld.StreamLookupDrafter``);
+  (``drafters.StreamLookupDrafter``);
 * ``draft``: mlx-lm's speculative decoding with a draft model (default: a 4-bit
   quantized copy of the target).
 
@@ -33,12 +34,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 
-from .bench_prompts import BenchError, load_prompts
-from .bench_report import summarize
-from .decode import TreeSettings
-from .generate import max_context, stream_generate
-from .runtime import tree_settings
-from .tree import build_tree
+from .prompts import BenchError, load_prompts
+from .report import summarize
+from ..config import TreeSettings, tree_settings
+from ..drafters import make_drafter
+from ..generate import max_context, stream_generate
+from ..tree import build_tree
 
 METHODS = ("ar", "ss", "ss-chain", "pld", "ss-pld", "draft")
 
@@ -157,12 +158,12 @@ def _mlx_lm_runner(base, tokenizer, sampler, draft=None, num_draft: int = 3):
     return run
 
 
-def _ss_runner(model, tokenizer, settings: BenchSettings, tree=None, drafter_factory=None):
+def _ss_runner(model, tokenizer, settings: BenchSettings, **drafting):
+    """A runner decoding through this project's loop with ``make_drafter(model, **drafting)``."""
     def run(prompt: List[int], max_tokens: int, seed: int) -> Run:
-        drafter = drafter_factory() if drafter_factory else None
         responses, ttft, decode_s = _timed(stream_generate(
             model, tokenizer, prompt, max_tokens, temp=settings.temp, top_p=settings.top_p,
-            seed=seed, tree=tree, drafter=drafter))
+            seed=seed, drafter=make_drafter(model, **drafting)))
         last = responses[-1]
         result = Run(_output(responses), ttft, decode_s, len(responses), last.forwards)
         result.forward_tokens = round(last.tokens_per_forward * last.forwards)
@@ -185,7 +186,7 @@ def _load_baselines(settings: BenchSettings, methods: Sequence[str], model, toke
     Both are loaded by mlx-lm from the checkpoint (a plain mlx-lm directory
     too) and cast to the SS model's dtype, so every method computes alike.
     """
-    from .loading import _load_base, resolve_path
+    from ..loading import _load_base, resolve_path
 
     dtype = model.base.model.norm.weight.dtype
     path = resolve_path(settings.model)
@@ -220,14 +221,10 @@ def make_runners(settings: BenchSettings, methods, model, tokenizer, base, draft
     """One callable ``(prompt, max_tokens, seed) -> Run`` per method name (sweep included)."""
     from mlx_lm.sample_utils import make_sampler
 
-    from .pld import PromptLookupDrafter, StreamLookupDrafter
-
     sampler = make_sampler(temp=settings.temp, top_p=settings.top_p)
     tree = ss_tree(settings, model.config)
     chain = TreeSettings((1,) * model.config.gamma, None, None)
-    pld = lambda: PromptLookupDrafter(model, settings.pld_max_ngram, 1, settings.pld_tokens)  # noqa: E731
-    ss_pld = lambda: StreamLookupDrafter(  # noqa: E731
-        model, tree, settings.pld_max_ngram, 1, settings.pld_tokens)
+    lookup = {"lookup": settings.pld_tokens, "lookup_ngram": settings.pld_max_ngram}
     runners = {}
     for name in methods:
         if name == "ar":
@@ -235,16 +232,17 @@ def make_runners(settings: BenchSettings, methods, model, tokenizer, base, draft
         elif name == "draft":
             runners[name] = _mlx_lm_runner(base, tokenizer, sampler, draft, settings.num_draft_tokens)
         elif name == "ss":
-            runners[name] = _ss_runner(model, tokenizer, settings, tree)
+            runners[name] = _ss_runner(model, tokenizer, settings, tree=tree)
         elif name == "ss-chain":
-            runners[name] = _ss_runner(model, tokenizer, settings, chain)
+            runners[name] = _ss_runner(model, tokenizer, settings, tree=chain)
         elif name == "pld":
-            runners[name] = _ss_runner(model, tokenizer, settings, drafter_factory=pld)
+            runners[name] = _ss_runner(model, tokenizer, settings, speculative=False, **lookup)
         elif name == "ss-pld":
-            runners[name] = _ss_runner(model, tokenizer, settings, drafter_factory=ss_pld)
+            runners[name] = _ss_runner(model, tokenizer, settings, tree=tree, **lookup)
     for sweep_tree in sweep_settings(settings.sweep_widths, settings.sweep_max_nodes,
                                      model.config.gamma):
-        runners[f"ss {tree_label(sweep_tree)}"] = _ss_runner(model, tokenizer, settings, sweep_tree)
+        runners[f"ss {tree_label(sweep_tree)}"] = _ss_runner(model, tokenizer, settings,
+                                                             tree=sweep_tree)
     return runners
 
 
@@ -288,14 +286,14 @@ def run_bench(settings: BenchSettings, device_report: bool = False,
     if not methods and not settings.sweep_widths:
         raise BenchError("no methods to run: give --methods or --sweep")
     log(f"[bench] loading {settings.model}")
-    from .loading import load
+    from ..loading import load
 
     model, tokenizer = load(settings.model)
     prompts = load_prompts(settings.data, tokenizer, settings.num_prompts, settings.max_tokens,
                            max_context(model), settings.system_prompt, settings.ignore_chat_template)
     base, draft = _load_baselines(settings, methods, model, tokenizer, log)
     runners = make_runners(settings, methods, model, tokenizer, base, draft)
-    from .bench_env import device_report as measure_device, environment, weight_bytes
+    from .env import device_report as measure_device, environment, weight_bytes
 
     own = {name: weight_bytes(model.base if name not in ("ar", "draft") else base)
            + (weight_bytes(draft) if name == "draft" else 0) for name in runners}

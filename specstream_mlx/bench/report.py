@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 if TYPE_CHECKING:
-    from .bench import Run
+    from .run import Run
 
 #: Methods whose greedy output must equal ``ar``'s in lossless mode.
 LOSSLESS = ("ss", "ss-chain", "pld", "ss-pld")
@@ -120,7 +120,7 @@ def format_table(results: dict) -> str:
     if results.get("sweep"):
         lines += ["", format_sweep(results)]
     if results.get("device"):
-        from .bench_env import format_device_report
+        from .env import format_device_report
 
         ar = results["methods"].get("ar", {}).get("tps", {}).get("median")
         lines += ["", format_device_report(results["device"], ar)]

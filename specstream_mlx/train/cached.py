@@ -28,14 +28,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import make_cache
+from ..cache import make_cache
 from .data import Example
-from .families import embed
-from .forward import adapt_streams, run_layers
+from ..families import embed
+from ..forward import adapt_streams, run_layers
 from .losses import LossWeights
-from .masks import chain_rows, within_window
-from .model import SpecStreamModel
-from .rope import RowPositions
+from ..masks import chain_rows, within_window
+from ..model import SpecStreamModel
+from ..rope import RowPositions
 
 
 @dataclass

@@ -19,8 +19,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import _blas
-from .runtime import backend
+from .. import _blas
+from ..config import backend
 
 
 def _version(package: str) -> Optional[str]:

@@ -12,9 +12,9 @@ import re
 import sys
 from typing import List, Optional, Sequence
 
-from .decode import TreeSettings
-from .generate import stream_generate
-from .prompts import format_messages
+from ..drafters import Drafter
+from ..generate import stream_generate
+from ..prompts import format_messages
 
 
 def _words(text: str) -> List[str]:
@@ -98,8 +98,7 @@ class _SpeedTally:
 
 
 def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional[int] = None,
-             max_tokens: int = 128, tree: Optional[TreeSettings] = None,
-             speculative: bool = True) -> dict:
+             max_tokens: int = 128, drafter: Optional[Drafter] = None) -> dict:
     """Generate greedily for each example and score it.
 
     Args:
@@ -108,9 +107,10 @@ def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional
         metric: ``"rouge"`` (ROUGE-L F1) or ``"exact"`` (SQL exact match).
         limit: only the first ``limit`` examples.
         max_tokens: generation budget per example.
-        tree: draft tree settings (default: the checkpoint's).
-        speculative: ``False`` decodes one token per forward (same text in
-            lossless mode; quicker for a model whose streams are untrained).
+        drafter: from ``drafters.make_drafter`` (default: the checkpoint's
+            tree); ``make_drafter(model, speculative=False)`` decodes one token
+            per forward (same text in lossless mode; quicker for a model whose
+            streams are untrained).
 
     Returns:
         ``{"examples", "quality", "quality_stderr", "metric", "tokens_per_forward",
@@ -124,8 +124,7 @@ def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional
     scores, outputs, tps, speed = [], [], 0.0, _SpeedTally()
     for i, (prompt, reference) in enumerate(pairs, start=1):
         text, last = "", None
-        for last in stream_generate(model, tokenizer, prompt, max_tokens, tree=tree,
-                                    speculative=speculative):
+        for last in stream_generate(model, tokenizer, prompt, max_tokens, drafter=drafter):
             text += last.text
         scores.append(score(text, reference))
         outputs.append(text)

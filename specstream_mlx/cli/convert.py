@@ -1,4 +1,4 @@
-"""``specstream-mlx convert``: options only; the work is ``pipeline.convert``."""
+"""``specstream-mlx convert``: option parsing only (the work is ``convert.pipeline.convert``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from typing import Optional
 
 import typer
 
+from .app import _run, app
 
+
+@app.command("convert")
 def convert_command(
     hf_path: Optional[str] = typer.Option(None, "--hf-path", "--model", help="Hugging Face model folder or repo id (safetensors or PyTorch .bin)."),
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="A llama.cpp GGUF file (llama, qwen2, qwen3; F32/F16/BF16/Q4_0/Q4_1/Q8_0)."),
@@ -26,7 +29,7 @@ def convert_command(
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision for repo ids."),
 ):
     """Convert a Hugging Face or GGUF model (+ PyTorch streams) into a checkpoint."""
-    from ..cli import _run
+    from ..cli.app import _run
     from .pipeline import convert
 
     out = _run(lambda: convert(

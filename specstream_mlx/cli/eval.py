@@ -1,0 +1,41 @@
+"""``specstream-mlx eval``: option parsing only (the work is ``bench.evaluate``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import UsageError, _run, app
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(..., "--model", help="Checkpoint to evaluate."),
+    data: str = typer.Option(..., "--data", help="JSONL with prompt/completion or messages."),
+    metric: str = typer.Option("rouge", help="rouge (ROUGE-L) | exact (SQL exact match)."),
+    limit: Optional[int] = typer.Option(None, "--num", help="Only the first N examples."),
+    max_tokens: int = typer.Option(128, "-m", "--max-tokens"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON."),
+    no_spec: bool = typer.Option(False, "--no-spec",
+                                 help="Plain decoding (same text in lossless mode; for untrained streams)."),
+):
+    """Task quality and tokens per forward on a JSONL set."""
+    from ..bench.evaluate import evaluate
+    from ..drafters import make_drafter
+    from ..loading import load
+
+    def run():
+        if metric not in ("rouge", "exact"):
+            raise UsageError(f"--metric must be rouge or exact, got {metric!r}")
+        ss_model, tokenizer = load(model)
+        figures = evaluate(ss_model, tokenizer, data, metric, limit, max_tokens,
+                           make_drafter(ss_model, speculative=not no_spec))
+        summary = {k: v for k, v in figures.items() if k not in ("scores", "outputs")}
+        typer.echo(json.dumps(summary, indent=2))
+        if out is not None:
+            out.write_text(json.dumps(figures, indent=2) + "\n")
+
+    _run(run)

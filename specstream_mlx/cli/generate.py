@@ -1,0 +1,86 @@
+"""``specstream-mlx init`` and ``specstream-mlx generate``: option parsing only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import UsageError, _parse_widths, _read_prompt, _run, app, check_decode_options, describe_runtime, model_or_default
+
+
+@app.command()
+def init(
+    model: str = typer.Option(..., "--model", help="Base mlx-lm model directory or HF repo id."),
+    out: Path = typer.Option(..., "--out", help="Output checkpoint directory."),
+    gamma: int = typer.Option(3, help="Number of speculative streams."),
+    stream_layers: int = typer.Option(4, "--stream-layers", help="Top layers with multi-stream attention."),
+    mode: str = typer.Option("lossless", help="lossless | shared"),
+    seed: int = typer.Option(0, help="Seed for the fresh stream parameters."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Turn a plain mlx-lm model into a checkpoint with fresh (untrained) streams."""
+    from ..loading import init_checkpoint
+
+    path = _run(lambda: init_checkpoint(
+        model, str(out), gamma=gamma, stream_layers=stream_layers, mode=mode,
+        seed=seed, overwrite=overwrite,
+    ))
+    typer.echo(f"wrote {path} (gamma={gamma}, stream layers={stream_layers}, mode={mode})")
+
+
+@app.command()
+def generate(
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id (default: SmolLM2-135M-Instruct)."),
+    prompt: str = typer.Option(..., "-p", "--prompt", help="Prompt text, or - to read stdin."),
+    max_tokens: int = typer.Option(256, "-m", "--max-tokens", help="Maximum tokens to generate."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(0.0, "--top-p", help="Nucleus sampling (0 or 1: off)."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the top-k tokens (0: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System message."),
+    ignore_chat_template: bool = typer.Option(False, "--ignore-chat-template", help="Use the raw prompt."),
+    no_spec: bool = typer.Option(False, "--no-spec", help="Plain one-token decoding (baseline)."),
+    tree_width: Optional[str] = typer.Option(None, "--tree-width", help="Children per depth, e.g. 3,2,1."),
+    max_nodes: Optional[int] = typer.Option(None, "--max-nodes", help="Cap on tree rows (root included)."),
+    prune_threshold: Optional[float] = typer.Option(None, "--prune-threshold", help="Early-exit pruning threshold."),
+    lookup: int = typer.Option(0, "--lookup", help="Also draft up to N prompt-lookup tokens per step beside the tree (0: off)."),
+    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the statistics as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", help="Print backend, BLAS and dtype."),
+):
+    """Generate text, printing it as it comes, then the statistics."""
+
+    def run():
+        check_decode_options(max_tokens, temp, max_nodes)
+        if lookup < 0:
+            raise UsageError(f"--lookup takes a number of tokens >= 0, got {lookup}")
+        if lookup and no_spec:
+            raise UsageError("--lookup drafts tokens and --no-spec turns drafting off: give one of them")
+        text = _read_prompt(prompt)
+        widths = _parse_widths(tree_width)
+        from ..config import tree_settings
+        from ..drafters import make_drafter
+        from ..generate import format_stats, stream_generate
+        from ..loading import load
+        from ..prompts import format_prompt
+
+        ss_model, tokenizer = load(model_or_default(model))
+        tree = tree_settings(ss_model.config, widths, max_nodes, prune_threshold)
+        if verbose:
+            typer.echo(describe_runtime(ss_model, tree), err=True)
+        full = format_prompt(tokenizer, text, system_prompt, ignore_chat_template)
+        drafter = make_drafter(ss_model, tree, lookup=lookup, speculative=not no_spec)
+        last = None
+        for last in stream_generate(
+            ss_model, tokenizer, full, max_tokens, temp=temp, top_p=top_p, top_k=top_k,
+            seed=seed, drafter=drafter,
+        ):
+            typer.echo(last.text, nl=False)
+        typer.echo()
+        typer.echo(format_stats(last))
+        if stats_json is not None:
+            stats_json.write_text(json.dumps(last.stats(), indent=2) + "\n")
+
+    _run(run)

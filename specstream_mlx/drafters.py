@@ -1,0 +1,297 @@
+"""Drafters: where the next forward's draft tree comes from.
+
+A *drafter* proposes the tree that the next forward verifies (topology, rows,
+tokens) and reads that forward's output once its step is accepted. The decode
+loop (``decode.decode``) is the same for all of them; verification does not
+depend on where drafts come from, so every drafter here is lossless.
+
+* ``StreamDrafter``: the speculative streams (the method): top-k tokens of
+  each stream of the last accepted node, arranged as a fixed tree.
+* ``PlainDrafter``: no drafts; one token per forward (the ``--no-spec`` baseline).
+* ``PromptLookupDrafter``: a chain copied from earlier text (prompt lookup
+  decoding, Saxena 2023; ``prompt_lookup_num_tokens`` in transformers). It
+  costs no model work, so it wins when the output copies from the prompt.
+* ``StreamLookupDrafter``: the streams' tree with a lookup chain grafted below
+  the root, verified in one forward.
+
+``make_drafter`` is the one factory the API, CLI, bench, server and eval use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Protocol, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .config import PruneSettings, TreeSettings, tree_settings
+from .forward import ForwardOutput, logits
+from .masks import Rows, chain_rows, tree_rows
+from .model import SpecStreamModel
+from .tree import Tree, build_tree, chain_tree, draft_token_index, graft_chain
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What a drafter proposes for the next forward.
+
+    Attributes:
+        tree: the topology (node 0 is the root, the token just emitted).
+        rows: the forward's rows for that topology (``tree_rows``, or
+            ``chain_rows`` for a chain).
+        tokens: ``(tree.size - 1,)`` drafted tokens of nodes ``1..``, an
+            ``mx.array`` (it may stay on the device).
+        prune: early-exit pruning of the tree, or ``None``.
+    """
+
+    tree: Tree
+    rows: Rows
+    tokens: mx.array
+    prune: Optional[PruneSettings] = None
+
+
+class Drafter(Protocol):
+    """Source of draft trees for ``decode``.
+
+    Attributes:
+        uses_streams: the prefill's last row must produce stream rows.
+        max_depth: deepest draft it can propose (for acceptance statistics).
+        stream_logits_depth: how many streams' logits ``observe`` reads (0: none).
+    """
+
+    uses_streams: bool
+    max_depth: int
+    stream_logits_depth: int
+
+    def propose(self, history: List[int], budget: int) -> Draft:
+        """The draft for the next forward.
+
+        Args:
+            history: prompt plus every emitted token; the last is the root.
+            budget: tokens still wanted after the root (drafts beyond it are wasted).
+        """
+
+    def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
+        """See the forward that produced ``node``'s row (index into ``out``'s main rows).
+
+        ``stream_logits`` (``(S, depth, V)``), when given, are every stream
+        row's logits, already computed with the main rows'.
+        """
+
+
+def _draft_table(model: SpecStreamModel, streams: mx.array, depth: int, top_k: int,
+                 scores: Optional[mx.array] = None) -> mx.array:
+    """Best ``top_k`` tokens of streams ``1..depth``, best first. ``(gamma, H) -> (depth*top_k,)``.
+
+    ``scores`` (``(depth, V)``) are the streams' logits when already computed.
+    """
+    if scores is None:
+        scores = logits(model, streams[:depth])  # (depth, V)
+    top = mx.argpartition(-scores, kth=top_k - 1, axis=-1)[:, :top_k]
+    order = mx.argsort(-mx.take_along_axis(scores, top, axis=-1), axis=-1)
+    return mx.take_along_axis(top, order, axis=-1).reshape(-1)
+
+
+class StreamDrafter:
+    """Drafts from the speculative streams: a fixed tree, top-k tokens per stream."""
+
+    uses_streams = True
+
+    def __init__(self, model: SpecStreamModel, tree: TreeSettings) -> None:
+        self.model = model
+        self.depth = self.max_depth = min(len(tree.widths), model.config.gamma)
+        self.stream_logits_depth = self.depth
+        self.shape = build_tree(tuple(tree.widths[: self.depth]), tree.max_nodes)
+        self.top_k = int(self.shape.rank.max()) + 1 if self.shape.size > 1 else 1
+        self.index = mx.array(draft_token_index(self.shape, self.top_k))
+        self.rows = tree_rows(self.shape)
+        self.prune = tree.prune
+        self.table = None
+
+    def propose(self, history: List[int], budget: int) -> Draft:
+        return Draft(self.shape, self.rows, self.table[self.index], self.prune)
+
+    def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
+        slot = int(out.stream_slot[node])
+        scores = None if stream_logits is None else stream_logits[slot]
+        self.table = _draft_table(self.model, out.stream_hidden[slot], self.depth, self.top_k,
+                                  scores)
+
+
+class PlainDrafter:
+    """No drafts: one token per forward through the same code (the baseline)."""
+
+    uses_streams = False
+    max_depth = 0
+    stream_logits_depth = 0
+
+    def __init__(self, model: SpecStreamModel) -> None:
+        shared = model.config.shared  # main rows see their own streams
+        self.draft = Draft(build_tree(()), chain_rows(1, [0] if shared else None),
+                           mx.zeros((0,), mx.int32))
+
+    def propose(self, history: List[int], budget: int) -> Draft:
+        return self.draft
+
+    def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
+        pass
+
+
+def find_draft(history: Sequence[int], max_ngram: int = 3, min_ngram: int = 1,
+               num_tokens: int = 4) -> List[int]:
+    """Tokens that followed the last earlier occurrence of the history's tail.
+
+    Longer n-grams are tried first; for one ``n`` the most recent earlier match
+    wins (it is the likeliest to continue the same way). The tail itself (the
+    last ``n`` tokens) is not a match.
+
+    Args:
+        history: token ids, oldest first (prompt, then output).
+        max_ngram, min_ngram: n-gram sizes to try, longest first (``>= 1``).
+        num_tokens: at most this many draft tokens.
+
+    Returns:
+        Up to ``num_tokens`` draft tokens; empty when nothing matches.
+
+    Raises:
+        ValueError: on sizes below 1 or ``min_ngram > max_ngram``.
+    """
+    if min_ngram < 1 or max_ngram < min_ngram or num_tokens < 0:
+        raise ValueError(
+            f"PLD needs 1 <= min n-gram <= max n-gram and num tokens >= 0, got "
+            f"{min_ngram}, {max_ngram}, {num_tokens}"
+        )
+    length = len(history)
+    if num_tokens == 0 or length < 2:
+        return []
+    seq = np.asarray(history, dtype=np.int64)
+    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
+        tail = seq[length - n:]
+        # Candidate starts 0 .. length-n-1: windows that end before the tail starts
+        # can overlap it, but never are it.
+        windows = np.lib.stride_tricks.sliding_window_view(seq[: length - 1], n)
+        hits = np.nonzero((windows == tail).all(axis=1))[0]
+        if hits.size:
+            start = int(hits[-1]) + n
+            return [int(t) for t in seq[start : start + num_tokens]]
+    return []
+
+
+class PromptLookupDrafter:
+    """A ``Drafter`` that proposes a chain from ``find_draft``.
+
+    Args:
+        model: the model (its mode decides whether rows need stream rows:
+            in shared mode main rows see their own streams, so they run).
+        max_ngram, min_ngram, num_tokens: as in ``find_draft``.
+    """
+
+    uses_streams = False
+    stream_logits_depth = 0
+
+    def __init__(self, model, max_ngram: int = 3, min_ngram: int = 1, num_tokens: int = 4):
+        find_draft([], max_ngram, min_ngram, num_tokens)  # validates the sizes
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.max_depth = num_tokens
+        self.shared = model.config.shared
+
+    def chain(self, history: List[int], budget: int) -> List[int]:
+        """The lookup draft for the next step, within ``budget`` (tokens still wanted)."""
+        return find_draft(history, self.max_ngram, self.min_ngram,
+                          min(self.max_depth, max(budget - 1, 0)))
+
+    def propose(self, history: List[int], budget: int) -> Draft:
+        drafts = self.chain(history, budget)
+        size = len(drafts) + 1
+        rows = chain_rows(size, np.arange(size) if self.shared else None)
+        return Draft(chain_tree(len(drafts)), rows, mx.array(np.array(drafts, dtype=np.int32)))
+
+    def observe(self, out, node: int, stream_logits=None) -> None:
+        pass
+
+
+class StreamLookupDrafter:
+    """A ``decode.Drafter`` whose tree is the streams' tree plus a prompt-lookup chain.
+
+    Each step drafts the streams' tree (as ``StreamDrafter`` with ``tree``)
+    and, when ``find_draft`` finds an earlier occurrence of the text's tail,
+    grafts the tokens that followed it below the root (``tree.graft_chain``:
+    where the lookup agrees with a stream guess the nodes are shared). One
+    forward verifies both; every node gets stream rows, so whichever path is
+    accepted, its last node's streams draft the next tree. The streams cover
+    free text, the lookup covers text copied from the prompt (summaries,
+    quotes, code edits), and a step keeps the longer accepted run. Without a
+    lookup match a step is exactly ``StreamDrafter``'s.
+
+    Args:
+        model: the model.
+        tree: the streams' tree settings (early-exit pruning applies only to
+            steps without a grafted chain).
+        max_ngram, min_ngram, num_tokens: as in ``find_draft``.
+    """
+
+    uses_streams = True
+
+    def __init__(self, model, tree: TreeSettings, max_ngram: int = 3, min_ngram: int = 1,
+                 num_tokens: int = 4):
+        self.lookup = PromptLookupDrafter(model, max_ngram, min_ngram, num_tokens)
+        self.streams = StreamDrafter(model, tree)
+        self.stream_logits_depth = self.streams.stream_logits_depth
+        self.max_depth = max(self.streams.max_depth, num_tokens)
+
+    def propose(self, history: List[int], budget: int) -> Draft:
+        draft = self.streams.propose(history, budget)
+        chain = self.lookup.chain(history, budget)
+        if not chain:
+            return draft
+        # The streams' tokens are needed on the host to share the agreeing nodes.
+        tokens = np.concatenate([[history[-1]], np.array(draft.tokens, dtype=np.int64)])
+        tree = graft_chain(draft.tree.with_tokens(tokens), chain)
+        if tree.size == draft.tree.size:
+            return draft
+        return Draft(tree, tree_rows(tree), mx.array(tree.tokens[1:].astype(np.int32)))
+
+    def observe(self, out, node: int, stream_logits=None) -> None:
+        self.streams.observe(out, node, stream_logits)
+
+
+def make_drafter(
+    model: SpecStreamModel,
+    tree: Optional[TreeSettings] = None,
+    lookup: int = 0,
+    speculative: bool = True,
+    lookup_ngram: int = 3,
+):
+    """The drafter for a generation: the one place that maps options to a drafter.
+
+    Args:
+        model: the model (its checkpoint gives the default tree).
+        tree: the streams' tree; ``None``: the checkpoint's default for this
+            backend (``config.tree_settings``), cut to the model's ``gamma``.
+        lookup: also draft up to this many prompt-lookup tokens per step (0: off).
+        speculative: draft with the streams. ``False`` with ``lookup == 0`` is
+            plain decoding (one token per forward); ``False`` with ``lookup``
+            is prompt lookup alone.
+        lookup_ngram: longest n-gram the lookup matches.
+
+    Returns:
+        ``StreamDrafter``, ``StreamLookupDrafter``, ``PromptLookupDrafter`` or
+        ``PlainDrafter``. A drafter keeps per-generation state: reuse it only
+        for one generation at a time.
+
+    Raises:
+        ValueError: ``lookup < 0`` or ``lookup_ngram < 1``.
+    """
+    if lookup < 0:
+        raise ValueError(f"lookup takes a number of tokens >= 0, got {lookup}")
+    if lookup_ngram < 1:
+        raise ValueError(f"the lookup n-gram must be >= 1, got {lookup_ngram}")
+    if not speculative:
+        if lookup:
+            return PromptLookupDrafter(model, max_ngram=lookup_ngram, num_tokens=lookup)
+        return PlainDrafter(model)
+    tree = tree_settings(model.config) if tree is None else tree.cut(model.config.gamma)
+    if lookup:
+        return StreamLookupDrafter(model, tree, max_ngram=lookup_ngram, num_tokens=lookup)
+    return StreamDrafter(model, tree)
