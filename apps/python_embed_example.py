@@ -24,6 +24,7 @@ from specstream_mlx import load, stream_generate
 from specstream_mlx.serve.worker import Engine, GenerationRequest
 from specstream_mlx.generate import encode_prompt
 from specstream_mlx.prompts import format_prompt
+from specstream_mlx.verify import SamplingParams
 
 
 def direct(model_path: str, prompt: str, max_tokens: int) -> None:
@@ -42,8 +43,9 @@ def engine(model_path: str, prompt: str, max_tokens: int) -> None:
     try:
         tokenizer = worker.tokenizer
         tokens = encode_prompt(tokenizer, format_prompt(tokenizer, prompt))
+        # Sampling settings travel as one SamplingParams (greedy here: temp=0).
         job = worker.submit(GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens,
-                                              stop=("\n\n",)))
+                                              sampling=SamplingParams(temp=0.0), stop=("\n\n",)))
         # A UI would run this loop off its main thread and call job.cancel()
         # when the user presses "Stop".
         for kind, value in job.events():

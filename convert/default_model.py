@@ -13,7 +13,8 @@ float32, exactly): here float32 decoding ran ~2x faster than the 4-bit model,
 and ``load`` would cast to float32 on the CPU anyway; on GPUs float16.
 
 Streams: ``specstream_mlx/data/smollm2-135m-instruct/`` when the package ships
-trained ones; until then fresh, untrained streams (gamma=3, 4 stream layers,
+trained ones; until then fresh, untrained streams (``convert``'s defaults:
+``config.DEFAULT_GAMMA`` streams over ``config.DEFAULT_STREAM_LAYERS`` layers,
 seed 0), which draft poorly but keep the output exactly the model's.
 """
 

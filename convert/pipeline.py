@@ -14,7 +14,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..config import SpecStreamConfig, TreeSettings
+from ..config import DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_STREAM_LAYERS, SpecStreamConfig
 from ..families import family_for
 from .common import ConversionError, atomic_output, parse_dtype, say
 from .hf_config import mlx_config, read_hf_config
@@ -69,21 +69,19 @@ def _default_dtype(config: dict):
 
 def _stream_config(streams: Optional[StreamWeights], config: dict, gamma: int,
                    stream_layers: int, mode: str) -> SpecStreamConfig:
+    from ..loading import new_config
+
+    extra = {}
     if streams is not None:
         gamma = streams.gamma
         stream_layers = int(streams.config.get("stream_layers", streams.adapter_count or stream_layers))
         mode = streams.config.get("mode", mode)
-    down = streams.tensors.get("prune_adapter.down.weight") if streams else None
-    tree = TreeSettings()
-    if len(tree.widths) > gamma:
-        tree = TreeSettings(tuple(tree.widths[:gamma]), tree.max_nodes, tree.prune_threshold)
-    ss = SpecStreamConfig(
-        gamma=gamma, stream_layers=stream_layers, mode=mode,
-        prune_rank=int(down.shape[0]) if down is not None else 8,
-        stream_adapter_rank=streams.adapter_rank if streams else 0,
-        hidden_size=config["hidden_size"], vocab_size=config["vocab_size"],
-        num_layers=config["num_hidden_layers"], tree=tree,
-    )
+        down = streams.tensors.get("prune_adapter.down.weight")
+        if down is not None:
+            extra["prune_rank"] = int(down.shape[0])
+    dims = (config["hidden_size"], config["vocab_size"], config["num_hidden_layers"])
+    ss = new_config(dims, gamma, stream_layers, mode,
+                    adapter_rank=streams.adapter_rank if streams else 0, **extra)
     try:
         ss.validate()
     except ValueError as exc:
@@ -113,17 +111,13 @@ def write_streams(base, model_type: str, ss_config: SpecStreamConfig,
                   streams: Optional[StreamWeights], out: Path, seed: int = 0) -> None:
     """Write ``specstream.json`` / ``.safetensors``: trained streams, or fresh ones from ``seed``.
 
-    Trained streams without a pruning adapter get a fresh one (the plain early exit).
+    Fresh streams come from ``loading.fresh_model``, as ``specstream-mlx init``'s
+    do: the same base and seed give the same streams. Trained streams without a
+    pruning adapter keep the fresh one (the plain early exit).
     """
-    from ..loading import save_streams
-    from ..model import SpecStreamModel
+    from ..loading import fresh_model, save_streams
 
-    model = SpecStreamModel(base, ss_config, family_for(model_type))
-    hidden, rank = ss_config.hidden_size, ss_config.prune_rank
-    # Same draws, in the same order, as loading.init_checkpoint.
-    mx.random.seed(seed)
-    model.stream_embeddings = 0.02 * mx.random.normal((ss_config.gamma, hidden))
-    model.prune_adapter.down.weight = mx.random.normal((rank, hidden)) * hidden**-0.5
+    model = fresh_model(base, family_for(model_type), ss_config, seed)
     if streams is not None:
         model.stream_embeddings = streams.tensors["stream_embeddings"].astype(mx.float32)
         for name in ("down", "up"):
@@ -148,9 +142,9 @@ def convert(
     quantize_bits: Optional[int] = None,
     q_group_size: int = 64,
     dequantize_gguf: bool = False,
-    gamma: int = 3,
-    stream_layers: int = 4,
-    mode: str = "lossless",
+    gamma: int = DEFAULT_GAMMA,
+    stream_layers: int = DEFAULT_STREAM_LAYERS,
+    mode: str = DEFAULT_MODE,
     seed: int = 0,
     overwrite: bool = False,
     revision: Optional[str] = None,
@@ -174,7 +168,7 @@ def convert(
         dequantize_gguf: turn GGUF-quantized layers into float ones (``dtype``,
             default float16), computed in float32.
         gamma, stream_layers, mode: stream settings when ``streams`` is not given.
-        seed: seed for fresh streams. overwrite: replace ``mlx_path``.
+        seed: seed for fresh streams (``loading.fresh_model``, as ``init``). overwrite: replace ``mlx_path``.
         revision: hub revision for repo ids. quiet: no progress output.
 
     Returns:

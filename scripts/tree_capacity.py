@@ -20,6 +20,7 @@ from specstream_mlx import load
 from specstream_mlx.bench.prompts import load_prompts
 from specstream_mlx.config import TreeSettings
 from specstream_mlx.bench.evaluate import speed_on_prompts
+from specstream_mlx.drafters import make_drafter
 from specstream_mlx.generate import max_context
 
 
@@ -59,7 +60,7 @@ def main() -> None:
     print("|---|---|---|")
     for tree in args.trees:
         figures = speed_on_prompts(model, tokenizer, [p.tokens for p in prompts],
-                                   args.max_tokens, tree)
+                                   args.max_tokens, make_drafter(model, tree))
         depth = " ".join(f"{a:.3f}" for a in figures["val_acceptance_by_depth"])
         label = f"{','.join(map(str, tree.widths))} : {tree.max_nodes or 'all'}"
         print(f"| {label} | {figures['val_tokens_per_forward']:.3f} | {depth} |", flush=True)

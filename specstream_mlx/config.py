@@ -8,7 +8,8 @@
   keeps for that backend, overridden by explicit options.
 
 Defaults live here and nowhere else (``DEFAULT_GAMMA``, ``DEFAULT_STREAM_LAYERS``,
-``TreeSettings()``).
+``DEFAULT_MODE``, ``DEFAULT_ADAPTER_RANK``, ``TreeSettings()``): the command line,
+``loading`` and ``convert`` take theirs from these names.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ BACKENDS = ("cpu", "gpu-metal", "gpu-cuda")  # keys of ``tree_by_backend``
 DEFAULT_GAMMA = 3  # speculative streams of a new checkpoint
 DEFAULT_STREAM_LAYERS = 4  # top layers with multi-stream attention
 DEFAULT_MODE = "lossless"
+DEFAULT_ADAPTER_RANK = 64  # stream adapters of fresh streams made for training (init/convert: none)
 
 
 class CheckpointError(ValueError):
@@ -75,9 +77,9 @@ class TreeSettings:
         if any(w < 1 for w in self.widths):
             raise ValueError(f"tree widths must be >= 1, got {','.join(map(str, self.widths))}")
         if self.max_nodes is not None and self.max_nodes < 1:
-            raise ValueError(f"max nodes must be >= 1 (or none), got {self.max_nodes}")
+            raise ValueError(f"max_nodes must be >= 1 (or none), got {self.max_nodes}")
         if self.prune_max_keep is not None and self.prune_max_keep < 1:
-            raise ValueError(f"pruning's max keep must be >= 1 (or none), got {self.prune_max_keep}")
+            raise ValueError(f"prune_max_keep must be >= 1 (or none), got {self.prune_max_keep}")
 
     @property
     def prune(self) -> Optional[PruneSettings]:

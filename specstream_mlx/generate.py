@@ -80,16 +80,30 @@ def max_context(model: SpecStreamModel) -> Optional[int]:
     return getattr(model.base.args, "max_position_embeddings", None)
 
 
+def _sampling(sampling: Optional[SamplingParams], **loose) -> SamplingParams:
+    """``sampling`` or a ``SamplingParams`` from the mlx-lm-style keywords."""
+    given = {k: v for k, v in loose.items() if v is not None}
+    if sampling is None:
+        return SamplingParams(**given)
+    if given:
+        raise ValueError(f"give either sampling=SamplingParams(...) or the keywords "
+                         f"{', '.join(given)}, not both")
+    if not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    return sampling
+
+
 def stream_generate(
     model: SpecStreamModel,
     tokenizer,
     prompt: Union[str, Sequence[int], mx.array],
     max_tokens: int = 256,
     *,
-    temp: float = 0.0,
-    top_p: float = 0.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
+    sampling: Optional[SamplingParams] = None,
+    temp: Optional[float] = None,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    min_p: Optional[float] = None,
     seed: Optional[int] = None,
     drafter: Optional[Drafter] = None,
     prefill_step_size: int = 512,
@@ -101,8 +115,11 @@ def stream_generate(
         tokenizer: the tokenizer from ``load``.
         prompt: text (encoded with BOS as mlx-lm does) or token ids.
         max_tokens: maximum number of tokens to generate (> 0).
-        temp, top_p, top_k, min_p: sampling settings with mlx-lm's meaning;
-            ``temp=0`` is greedy.
+        sampling: the sampling settings (``verify.SamplingParams``); ``None``:
+            greedy, or the loose keywords below.
+        temp, top_p, top_k, min_p: mlx-lm-style keywords, the same settings
+            one by one (``temp=0``: greedy; see ``SamplingParams`` for what
+            "off" means). Give these or ``sampling``, not both.
         seed: seed for ``mx.random`` (sampling), or ``None`` to leave it.
         drafter: where drafts come from, from ``drafters.make_drafter`` (a
             tree, prompt lookup, or ``speculative=False`` for plain decoding);
@@ -113,12 +130,13 @@ def stream_generate(
         ``GenerationResponse`` per generated token; the last has ``finish_reason``.
 
     Raises:
-        ValueError: empty prompt, ``max_tokens < 1``, bad sampling settings.
+        ValueError: empty prompt, ``max_tokens < 1``, bad sampling settings,
+            ``sampling`` given together with any of ``temp``/``top_p``/``top_k``/``min_p``.
         ContextOverflowError: prompt plus ``max_tokens`` exceeds the context.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    sampling = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    sampling = _sampling(sampling, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     tokens = encode_prompt(tokenizer, prompt)
     if drafter is None:
         drafter = make_drafter(model)
@@ -218,4 +236,5 @@ def format_stats(r: GenerationResponse) -> str:
     ])
 
 
-__all__ = ["GenerationResponse", "stream_generate", "generate", "ContextOverflowError"]
+__all__ = ["GenerationResponse", "SamplingParams", "stream_generate", "generate",
+           "ContextOverflowError"]

@@ -16,7 +16,10 @@ from typing import Optional, Tuple
 import mlx.core as mx
 from mlx.utils import tree_map, tree_unflatten
 
-from .config import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, SpecStreamConfig, TreeSettings, read_config, write_config
+from .config import (
+    CONFIG_FILE, DEFAULT_ADAPTER_RANK, DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_STREAM_LAYERS, WEIGHTS_FILE,
+    CheckpointError, SpecStreamConfig, TreeSettings, read_config, write_config,
+)
 from .families import family_for
 from .atomic import atomic_dir
 from .model import SpecStreamModel
@@ -180,7 +183,15 @@ def save_streams(model: SpecStreamModel, directory: Path) -> None:
 
 
 def fresh_model(base, family, config: SpecStreamConfig, seed: int = 0) -> SpecStreamModel:
-    """A ``SpecStreamModel`` over ``base`` with freshly initialised (untrained) streams."""
+    """A ``SpecStreamModel`` over ``base`` with freshly initialised (untrained) streams.
+
+    The one initialisation of new streams: ``init``, ``convert`` (without
+    trained streams) and ``train`` (fresh streams) all call it, so the same
+    base, settings and ``seed`` give the same streams whichever made them.
+    The draws come from ``seed`` alone (not the global random state): the
+    stream embeddings, the pruning adapter's ``down`` and each stream
+    adapter's ``down`` (``up`` starts at zero: a fresh adapter is the identity).
+    """
     config.validate()
     model = SpecStreamModel(base, config, family)
     hidden = config.hidden_size
@@ -188,26 +199,37 @@ def fresh_model(base, family, config: SpecStreamConfig, seed: int = 0) -> SpecSt
     k1, k2, k3 = mx.random.split(key, 3)
     model.stream_embeddings = 0.02 * mx.random.normal((config.gamma, hidden), key=k1)
     model.prune_adapter.down.weight = mx.random.normal((config.prune_rank, hidden), key=k2) * hidden**-0.5
-    for i, adapter in enumerate(model.stream_adapters):
-        adapter.down.weight = mx.random.normal(
-            adapter.down.weight.shape, key=mx.random.split(k3, len(model.stream_adapters))[i]
-        ) * hidden**-0.5
+    keys = mx.random.split(k3, max(len(model.stream_adapters), 1))
+    for adapter, k in zip(model.stream_adapters, keys):
+        adapter.down.weight = mx.random.normal(adapter.down.weight.shape, key=k) * hidden**-0.5
     return model
 
 
-def _new_config(base, gamma, stream_layers, mode, tree, adapter_rank) -> SpecStreamConfig:
-    hidden, vocab, layers = _base_dims(base)
-    tree = tree or TreeSettings()
-    if len(tree.widths) > gamma:
-        tree = TreeSettings(tuple(tree.widths[:gamma]), tree.max_nodes, tree.prune_threshold)
+def new_config(
+    dims: Tuple[int, int, int],
+    gamma: int = DEFAULT_GAMMA,
+    stream_layers: int = DEFAULT_STREAM_LAYERS,
+    mode: str = DEFAULT_MODE,
+    tree: Optional[TreeSettings] = None,
+    adapter_rank: int = 0,
+    **extra,
+) -> SpecStreamConfig:
+    """Settings of new streams over a base model of ``dims`` = (hidden, vocab, layers).
+
+    ``tree`` (default ``TreeSettings()``) is cut to ``gamma``; ``extra`` goes to
+    ``SpecStreamConfig`` (e.g. ``prune_rank``).
+    """
+    hidden, vocab, layers = dims
     return SpecStreamConfig(
         gamma=gamma, stream_layers=stream_layers, mode=mode, stream_adapter_rank=adapter_rank,
-        hidden_size=hidden, vocab_size=vocab, num_layers=layers, tree=tree,
+        hidden_size=hidden, vocab_size=vocab, num_layers=layers,
+        tree=(tree or TreeSettings()).cut(gamma), **extra,
     )
 
 
-#: Stream settings of fresh streams when the caller gives none.
-FRESH_DEFAULTS = {"gamma": 3, "stream_layers": 4, "stream_adapter_rank": 64}
+#: Stream settings of fresh streams for training when the caller gives none.
+FRESH_DEFAULTS = {"gamma": DEFAULT_GAMMA, "stream_layers": DEFAULT_STREAM_LAYERS,
+                  "stream_adapter_rank": DEFAULT_ADAPTER_RANK}
 
 
 def load_for_training(
@@ -259,17 +281,17 @@ def load_for_training(
         return model, tokenizer, path
     settings = {k: FRESH_DEFAULTS[k] if v is None else v for k, v in asked.items()}
     base, tokenizer, _, family = _load_base(path, None)
-    config = _new_config(base, settings["gamma"], settings["stream_layers"], mode or "lossless",
-                         None, settings["stream_adapter_rank"])
+    config = new_config(_base_dims(base), settings["gamma"], settings["stream_layers"],
+                        mode or DEFAULT_MODE, None, settings["stream_adapter_rank"])
     return fresh_model(base, family, config, seed), tokenizer, path
 
 
 def init_checkpoint(
     base_path: str,
     out: str,
-    gamma: int = 3,
-    stream_layers: int = 4,
-    mode: str = "lossless",
+    gamma: int = DEFAULT_GAMMA,
+    stream_layers: int = DEFAULT_STREAM_LAYERS,
+    mode: str = DEFAULT_MODE,
     seed: int = 0,
     tree: Optional[TreeSettings] = None,
     overwrite: bool = False,
@@ -300,7 +322,7 @@ def init_checkpoint(
         base, _ = load_model(src, lazy=True)
     except (ValueError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"could not load the model in {src}: {exc}") from None
-    config = _new_config(base, gamma, stream_layers, mode, tree, adapter_rank)
+    config = new_config(_base_dims(base), gamma, stream_layers, mode, tree, adapter_rank)
     model = fresh_model(base, family, config, seed)
 
     if Path(out).exists() and not overwrite:

@@ -8,6 +8,8 @@ exactly the model's.
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -17,32 +19,79 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 from .tree import Tree
 
 
+class SamplingError(ValueError):
+    """A sampling setting out of range.
+
+    Attributes:
+        field: the ``SamplingParams`` field at fault (``temp``, ``top_p``,
+            ``top_k`` or ``min_p``), so a caller can name its own parameter.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings with mlx-lm's meaning (``temp == 0``: greedy).
+    """Sampling settings with mlx-lm's meaning: the one object every decode
+    path takes (``stream_generate``, the server's requests, ``decode``, the
+    Core ML host loop).
+
+    What "off" means (``mlx_lm.sample_utils.make_sampler``'s rule):
+
+    * ``temp == 0``: greedy (argmax); the filters are then unused.
+    * ``top_p``: filters only when ``0 < top_p < 1``; both ``0`` and ``1`` are
+      off, and ``0`` is stored as ``1.0``, so ``top_p == 1.0`` is the one
+      "off" value after construction (OpenAI's and mlx-lm's CLI default).
+    * ``top_k``: ``0`` is off (``top_k >= vocabulary size`` keeps every token,
+      the same thing).
+    * ``min_p``: ``0`` is off.
+
+    This class is the only place that validates and normalises; everything
+    downstream tests ``top_p < 1``, ``top_k > 0``, ``min_p > 0``.
 
     Raises:
-        ValueError: on a negative temperature or out-of-range filter.
+        SamplingError: (a ``ValueError``) a negative or non-finite
+            temperature, or a filter out of range.
     """
 
     temp: float = 0.0
-    top_p: float = 0.0
+    top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
 
     def __post_init__(self):
-        if self.temp < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temp}")
-        if not 0 <= self.top_p <= 1:
-            raise ValueError(f"top-p must be in [0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min-p must be in [0, 1], got {self.min_p}")
+        temp, top_p, min_p = (_real(self, name) for name in ("temp", "top_p", "min_p"))
+        try:
+            top_k = operator.index(self.top_k)
+        except TypeError:
+            raise SamplingError("top_k", f"top-k must be an integer, got {self.top_k!r}") from None
+        if not (temp >= 0 and math.isfinite(temp)):
+            raise SamplingError("temp", f"temperature must be a finite number >= 0, got {temp}")
+        if not 0 <= top_p <= 1:
+            raise SamplingError("top_p", f"top-p must be in [0, 1] (0 or 1: off), got {top_p}")
+        if top_k < 0:
+            raise SamplingError("top_k", f"top-k must be >= 0 (0: off), got {top_k}")
+        if not 0 <= min_p <= 1:
+            raise SamplingError("min_p", f"min-p must be in [0, 1] (0: off), got {min_p}")
+        object.__setattr__(self, "temp", temp)
+        object.__setattr__(self, "top_p", 1.0 if top_p == 0 else top_p)  # the one "off" value
+        object.__setattr__(self, "top_k", int(top_k))
+        object.__setattr__(self, "min_p", min_p)
 
     @property
     def greedy(self) -> bool:
         return self.temp == 0
+
+
+def _real(params: SamplingParams, name: str) -> float:
+    value = getattr(params, name)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        label = "temperature" if name == "temp" else name.replace("_", "-")
+        raise SamplingError(name, f"{label} must be a number, got {value!r}") from None
 
 
 def target_logits(logits: mx.array, params: SamplingParams) -> mx.array:
@@ -50,6 +99,8 @@ def target_logits(logits: mx.array, params: SamplingParams) -> mx.array:
 
     mlx-lm's sampler filters log-probabilities (top-p, then min-p, then top-k;
     filtered tokens become ``-inf``) and samples ``categorical(logprobs / temp)``.
+    The Core ML host loop (``coreml.host.target_probs``) and the Swift app
+    (``Sampling.probabilities``) apply the same steps in the same order.
 
     Args:
         logits: ``(..., V)`` raw logits.
@@ -60,11 +111,11 @@ def target_logits(logits: mx.array, params: SamplingParams) -> mx.array:
     """
     logprobs = logits.astype(mx.float32)
     logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-    if 0 < params.top_p < 1.0:
+    if params.top_p < 1.0:
         logprobs = apply_top_p(logprobs, params.top_p)
-    if params.min_p != 0.0:
+    if params.min_p > 0.0:
         logprobs = apply_min_p(logprobs, params.min_p)
-    if params.top_k > 0:
+    if 0 < params.top_k < logprobs.shape[-1]:  # top_k >= V keeps every token
         logprobs = apply_top_k(logprobs, params.top_k)
     return logprobs * (1.0 / params.temp)
 

@@ -1,6 +1,3 @@
-import sys
-from pathlib import Path
+"""Shared test set-up. ``tests`` is a package: helpers are imported as ``from .helpers import ...``."""
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import specstream_mlx  # noqa: E402,F401  (OpenBLAS before mlx)
+import specstream_mlx  # noqa: F401  (OpenBLAS before mlx)

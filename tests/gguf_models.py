@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers import VOCAB
+from .helpers import VOCAB
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

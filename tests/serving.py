@@ -24,7 +24,7 @@ def write_text_checkpoint(root: Path, seed: int = 3) -> Path:
     import mlx.core as mx
     from mlx_lm.utils import load_tokenizer
 
-    from helpers import write_base
+    from .helpers import write_base
     from specstream_mlx.loading import init_checkpoint
 
     base = write_base(root / "base", "llama", seed=seed)

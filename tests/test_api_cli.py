@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
-from helpers import write_base
+from .helpers import write_base
 from specstream_mlx import generate, load, stream_generate
 from specstream_mlx.cli import app
 from specstream_mlx.config import CheckpointError, TreeSettings

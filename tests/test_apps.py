@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import write_text_checkpoint
+from .serving import write_text_checkpoint
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "apps" / "python_embed_example.py"
 

@@ -15,8 +15,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import CONFIGS, base_model, random_prompt, reference_tokens
-from kernel_cases import get_emulator
+from .helpers import CONFIGS, base_model, random_prompt, reference_tokens
+from .kernel_cases import get_emulator
 from specstream_mlx import attention
 from specstream_mlx.cache import make_cache
 from specstream_mlx.config import SpecStreamConfig, TreeSettings

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from helpers import write_base, write_tokenizer
+from .helpers import write_base, write_tokenizer
 from specstream_mlx.bench.run import BenchError, Run, _steps_from_flags, parse_methods, sweep_settings
 from specstream_mlx.bench.prompts import load_prompts
 from specstream_mlx.bench.report import best_sweep, summarize
@@ -246,8 +246,8 @@ def test_load_prompts_formats(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("", "holds no prompts"),
-    ("\n\n", "holds no prompts"),
+    ("", "holds no records"),
+    ("\n\n", "holds no records"),
     ('{"prompt": "ok"}\n{not json\n', ":2: not valid JSON"),
     ('{"completion": "x"}\n', ':1: expected a "prompt", "messages" or "text" field'),
     ('{"prompt": "  "}\n', ':1: "prompt" must be a non-empty string'),
@@ -315,3 +315,26 @@ def test_outputs_without_matplotlib(full_run, tmp_path, monkeypatch):
     assert not (tmp_path / "plain" / "results.png").exists()
     assert json.loads(files["json"].read_text())["methods"] == results["methods"]
     assert "| ss |" in files["table"].read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pld-tokens", "0"], "--pld-tokens must be at least 1"),
+    (["--pld-ngram", "0"], "--pld-ngram must be at least 1"),
+    (["--num-draft-tokens", "0"], "--num-draft-tokens must be at least 1"),
+    (["--warmup-tokens", "-1"], "--warmup-tokens must be >= 0"),
+    (["--temp", "-1"], "--temp must be a finite number >= 0"),
+    (["--max-nodes", "0"], "--max-nodes must be >= 1"),
+    (["--tree-width", "2,0"], "--tree-width must be >= 1"),
+])
+def test_options_the_settings_refuse_are_usage_errors(checkpoint, data, tmp_path, args, message):
+    """BenchSettings checks them (before anything loads); the CLI names the option."""
+    result = _bench(["--model", checkpoint, "--data", data, "--out", tmp_path / "o", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_warmup(checkpoint, data, tmp_path):
+    result = _bench(["--model", checkpoint, "--data", data, "--max-tokens", 3, "--num-prompts", 1,
+                     "--methods", "ss", "--warmup-tokens", 0, "--out", tmp_path])
+    assert result.exit_code == 0, result.output
+    assert "warm-up" not in result.output

@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers import decode_tokens, random_prompt, reference_tokens, write_base
+from .helpers import decode_tokens, random_prompt, reference_tokens, write_base
 from specstream_mlx.cli import app
 from specstream_mlx.convert import ConversionError
 from specstream_mlx.convert import default_model
@@ -158,3 +159,23 @@ def test_generate_without_model_uses_the_cached_default(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path / "home"))
     assert default_model.default_model_path(quiet=True) == folder  # reused, not converted again
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+# --- fresh streams: one initialisation for `convert` and `init` -----------------------------
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_convert_and_init_make_the_same_fresh_streams(tmp_path, base, seed):
+    """The same base and seed give the same untrained streams through either command."""
+    from specstream_mlx.loading import init_checkpoint
+
+    converted, initialised = tmp_path / "converted", tmp_path / "initialised"
+    _ok(["convert", "--hf-path", str(base), "--mlx-path", str(converted), "--seed", str(seed),
+         "--dtype", "float32"])
+    init_checkpoint(str(base), str(initialised), seed=seed)
+    got = mx.load(str(converted / "specstream.safetensors"))
+    want = mx.load(str(initialised / "specstream.safetensors"))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(np.array(got[name]), np.array(want[name]), err_msg=name)
+    assert (json.loads((converted / "specstream.json").read_text())
+            == json.loads((initialised / "specstream.json").read_text()))

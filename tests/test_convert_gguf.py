@@ -16,9 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
-from gguf_models import CHAT_TEMPLATE, write_llama_gguf  # noqa: E402
-from helpers import decode_tokens, random_prompt, reference_tokens  # noqa: E402
-from hf_models import hf_greedy, hf_logits, hf_model  # noqa: E402
+from .gguf_models import CHAT_TEMPLATE, write_llama_gguf  # noqa: E402
+from .helpers import decode_tokens, random_prompt, reference_tokens  # noqa: E402
+from .hf_models import hf_greedy, hf_logits, hf_model  # noqa: E402
 from specstream_mlx.convert import ConversionError, convert  # noqa: E402
 from specstream_mlx.convert.default_model import wheel_gguf  # noqa: E402
 from specstream_mlx.config import TreeSettings  # noqa: E402

@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from helpers import decode_tokens, random_prompt  # noqa: E402
-from hf_models import HF_FAMILIES, hf_greedy, hf_logits, hf_model, save_hf  # noqa: E402
+from .helpers import decode_tokens, random_prompt  # noqa: E402
+from .hf_models import HF_FAMILIES, hf_greedy, hf_logits, hf_model, save_hf  # noqa: E402
 from specstream_mlx.cache import commit, make_cache  # noqa: E402
 from specstream_mlx.convert import convert  # noqa: E402
 from specstream_mlx.convert.hf_config import mlx_config  # noqa: E402

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 torch = pytest.importorskip("torch")
 ct = pytest.importorskip("coremltools")
 
-from helpers import CONFIGS, decode_tokens, random_prompt, ss_model, write_base  # noqa: E402
+from .helpers import CONFIGS, decode_tokens, random_prompt, ss_model, write_base  # noqa: E402
 from specstream_mlx.cli import app  # noqa: E402
 from specstream_mlx.convert import convert, default_model  # noqa: E402
 from specstream_mlx.coreml import export as ex  # noqa: E402

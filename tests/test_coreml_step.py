@@ -8,16 +8,18 @@ non-contiguous accepted path, every enumerated size from one trace. Needs torch.
 import os
 from unittest.mock import patch
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import decode_tokens, random_prompt, ss_model  # noqa: E402
+from .helpers import decode_tokens, random_prompt, ss_model  # noqa: E402
 from specstream_mlx.coreml import export as ex  # noqa: E402
 from specstream_mlx.coreml import host, interface  # noqa: E402
 from specstream_mlx.coreml.parity import compare, deepest_path, worst  # noqa: E402
 from specstream_mlx.config import TreeSettings  # noqa: E402
+from specstream_mlx.verify import SamplingParams, target_logits  # noqa: E402
 
 SIZES, CONTEXT = (4, 8, 12), 64
 CASES = [("llama", "lossless", 4), ("qwen2", "shared", 0), ("phi3", "lossless", 0), ("qwen3", "shared", 4)]
@@ -88,11 +90,61 @@ def test_sampling_path_at_low_temperature_is_greedy():
     prompt = random_prompt(10, seed=2)
     greedy = host.generate(host.TorchBackend(traced), layout, prompt, 20)
     sampled = host.generate(host.TorchBackend(traced), layout, prompt, 20,
-                            sampling=host.Sampling(temp=1e-4), seed=3)
+                            sampling=SamplingParams(temp=1e-4), seed=3)
     assert sampled["tokens"] == greedy["tokens"]
     hot = host.generate(host.TorchBackend(traced), layout, prompt, 20,
-                        sampling=host.Sampling(temp=1.5, top_k=50, top_p=0.9), seed=3)
+                        sampling=SamplingParams(temp=1.5, top_k=50, top_p=0.9), seed=3)
     assert len(hot["tokens"]) == 20 and hot["tokens"] != greedy["tokens"]
+
+
+SAMPLING_CASES = [  # (temp, top_p, top_k, min_p)
+    (1.0, 1.0, 0, 0.0), (0.5, 0.9, 5, 0.0), (0.5, 0.9, 0, 0.0), (2.0, 0.3, 0, 0.0),
+    (0.7, 0.0, 8, 0.0), (1.3, 1.0, 0, 0.1), (0.5, 0.8, 3, 0.05), (1.0, 0.95, 200, 0.0),
+    (0.25, 0.5, 1, 0.0), (1.0, 1.0, 0, 1.0),
+]
+
+
+@pytest.mark.parametrize("temp,top_p,top_k,min_p", SAMPLING_CASES)
+def test_host_target_distribution_is_verify_target_logits(temp, top_p, top_k, min_p):
+    """The host loop's numpy distribution (which the Swift code copies) is the runtime's."""
+    rng = np.random.default_rng(int(temp * 100) + top_k)
+    sampling = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    logits = (rng.standard_normal((16, 64)) * 2.5).astype(np.float32)
+    want = np.array(mx.softmax(target_logits(mx.array(logits), sampling), axis=-1))
+    got = host.target_probs(logits, sampling)
+    assert ((got > 0) == (want > 0)).all()  # the same tokens survive the filters
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-9)
+
+
+def test_filters_come_before_the_temperature():
+    """temp 0.5, top-p 0.9, top-k 5: filtering the tempered distribution (the old host and
+    Swift order: temperature, top-k, top-p) keeps other tokens; the host follows mlx-lm."""
+    sampling = SamplingParams(temp=0.5, top_p=0.9, top_k=5)
+    logits = (np.random.default_rng(0).standard_normal((16, 64)) * 2.5).astype(np.float32)
+    want = np.array(mx.softmax(target_logits(mx.array(logits), sampling), axis=-1))
+    x = logits.astype(np.float64) / sampling.temp  # the old order, for contrast
+    x = np.where(x < np.sort(x, -1)[:, -5:-4], -np.inf, x)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    order = np.argsort(-p, -1)
+    before = np.cumsum(np.take_along_axis(p, order, -1), -1) - np.take_along_axis(p, order, -1)
+    keep = np.zeros_like(p, bool)
+    np.put_along_axis(keep, order, before < 0.9, -1)
+    assert ((want > 0) != keep).any()  # the order changes the distribution here
+    assert ((host.target_probs(logits, sampling) > 0) == (want > 0)).all()
+
+
+def test_swift_sampling_applies_the_filters_in_verify_order():
+    path = os.path.join(os.path.dirname(__file__), "..", "apps", "SpecStreamCoreML", "Sources",
+                        "SpecStreamCoreML", "Decoder.swift")
+    text = open(path).read()
+    body = text[text.index("func probabilities"):]
+    body = body[: body.index("\n    }\n")]
+    steps = ["topP < 1", "minP > 0", "topK > 0", "/ Double(temperature)"]
+    assert all(step in body for step in steps), body
+    assert [body.index(step) for step in steps] == sorted(body.index(step) for step in steps)
+    assert "topP == 0 ? 1 : topP" in text  # SamplingParams' one "off" value for top-p
 
 
 def test_context_limit_and_stop_tokens():

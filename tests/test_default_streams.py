@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import decode_tokens, reference_tokens
+from .helpers import decode_tokens, reference_tokens
 from specstream_mlx.convert import default_model
 from specstream_mlx.config import TreeSettings
 

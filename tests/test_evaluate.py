@@ -6,9 +6,18 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from helpers import write_base
+from .helpers import write_base
 from specstream_mlx.cli import app
-from specstream_mlx.bench.evaluate import paired_difference
+from specstream_mlx.bench.evaluate import exact_match, paired_difference, rouge_l
+
+
+def test_rouge_and_exact_match():
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("", "x") == 0.0
+    # LCS("a b c d", "a c d e") = 3 -> P = R = 3/4
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    assert exact_match("SELECT  name FROM t;", "select name from t") == 1.0
+    assert exact_match("SELECT id FROM t", "select name from t") == 0.0
 
 
 def test_paired_difference_mean_and_stderr():

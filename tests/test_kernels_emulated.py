@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernel_cases import ALL_CASES, EDGE_CASES, TOLERANCE, get_emulator, max_error, reference
+from .kernel_cases import ALL_CASES, EDGE_CASES, TOLERANCE, get_emulator, max_error, reference
 from specstream_mlx.kernels_metal import emulator, kernel_source, launch, sources
 
 pytestmark = pytest.mark.skipif(emulator.compiler() is None, reason="needs a C++ compiler (g++)")

@@ -9,7 +9,7 @@ import functools
 
 import pytest
 
-from helpers import FAMILIES, decode_tokens, random_prompt, reference_tokens, ss_model
+from .helpers import FAMILIES, decode_tokens, random_prompt, reference_tokens, ss_model
 from specstream_mlx.config import TreeSettings
 
 SHAPES = {

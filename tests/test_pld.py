@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from helpers import decode_tokens, ss_model
+from .helpers import decode_tokens, ss_model
 from specstream_mlx import decode as decode_module
 from specstream_mlx.drafters import PromptLookupDrafter, find_draft
 

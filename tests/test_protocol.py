@@ -9,6 +9,8 @@ import pytest
 from specstream_mlx.prompts import format_messages, format_prompt
 from specstream_mlx.serve.protocol import APIError, Responses, parse_request, resolve_max_tokens
 from specstream_mlx.serve.stops import StopMatcher
+from specstream_mlx.serve.worker import GenerationRequest
+from specstream_mlx.verify import SamplingError, SamplingParams
 
 
 def _expected(text, stops, cuts):
@@ -60,7 +62,8 @@ def test_parse_request_types_and_defaults():
     req = parse_request({"messages": [{"role": "user", "content": [
         {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}, chat=True)
     assert req.messages == [{"role": "user", "content": "ab"}]
-    assert (req.temperature, req.top_p, req.max_tokens, req.stop, req.stream) == (0.0, 1.0, None, (), False)
+    assert (req.sampling.temp, req.sampling.top_p, req.max_tokens, req.stop, req.stream) == (0.0, 1.0, None, (), False)
+    assert req.sampling == SamplingParams() and req.seed is None
     req = parse_request({"prompt": ["one prompt"], "stop": "x", "seed": 3, "stream": True,
                          "stream_options": {"include_usage": True}}, chat=False)
     assert (req.prompt, req.stop, req.seed, req.stream, req.include_usage) == ("one prompt", ("x",), 3, True, True)
@@ -72,6 +75,55 @@ def test_parse_request_types_and_defaults():
         with pytest.raises(APIError) as err:
             parse_request(dict({"messages": [{"role": "user", "content": "x"}]}, **bad), chat=True)
         assert err.value.status == 400 and err.value.param == next(iter(bad))
+
+
+def _chat(**fields):
+    return parse_request(dict({"messages": [{"role": "user", "content": "x"}]}, **fields), chat=True)
+
+
+def test_the_request_builds_one_sampling_params():
+    req = _chat(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, seed=1)
+    assert req.sampling == SamplingParams(temp=0.7, top_p=0.9, top_k=40, min_p=0.05)
+    assert GenerationRequest([1], 4, sampling=req.sampling).sampling is req.sampling
+    assert GenerationRequest([1], 4).sampling == SamplingParams()  # greedy
+    # mlx-lm's rule: top_p 0 and 1 are both off; SamplingParams stores 1.0 for both
+    assert _chat(top_p=0).sampling == _chat(top_p=1).sampling == _chat().sampling
+    assert SamplingParams(top_p=0.0).top_p == 1.0 and SamplingParams().top_p == 1.0
+    assert parse_request({"prompt": "x"}, chat=False, default_temperature=0.6).sampling.temp == 0.6
+
+
+@pytest.mark.parametrize("field,value,kwarg", [
+    ("temperature", -0.5, "temp"), ("top_p", 1.5, "top_p"), ("top_p", -0.1, "top_p"),
+    ("top_k", -1, "top_k"), ("min_p", 2, "min_p"), ("min_p", -1, "min_p"),
+])
+def test_sampling_ranges_are_checked_by_sampling_params(field, value, kwarg):
+    with pytest.raises(SamplingError) as direct:
+        SamplingParams(**{kwarg: value})
+    assert isinstance(direct.value, ValueError) and direct.value.field == kwarg
+    with pytest.raises(APIError) as err:
+        _chat(**{field: value})
+    assert err.value.status == 400 and err.value.param == field
+    assert err.value.message == str(direct.value)
+
+
+def test_api_limits_and_json_types_stay_in_the_protocol():
+    for field, value in (("temperature", 2.5), ("temperature", "1"), ("top_p", True),
+                         ("top_k", 2.0), ("min_p", "0.1")):
+        with pytest.raises(APIError) as err:
+            _chat(**{field: value})
+        assert err.value.status == 400 and err.value.param == field
+    assert _chat(temperature=2).sampling.temp == 2.0
+
+
+def test_stream_generate_takes_sampling_or_the_keywords_not_both():
+    from specstream_mlx.generate import stream_generate
+
+    with pytest.raises(ValueError, match="not both"):
+        next(stream_generate(None, None, "x", 4, sampling=SamplingParams(temp=1), temp=0.5))
+    with pytest.raises(ValueError, match="not both"):
+        next(stream_generate(None, None, "x", 4, sampling=SamplingParams(), top_p=1.0))
+    with pytest.raises(ValueError, match="top-p"):
+        next(stream_generate(None, None, "x", 4, temp=1, top_p=3))
 
 
 def test_resolve_max_tokens():

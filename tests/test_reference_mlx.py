@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import random_prompt, ss_model, write_base  # noqa: E402
+from .helpers import random_prompt, ss_model, write_base  # noqa: E402
 from specstream_mlx.cache import commit, make_cache  # noqa: E402
 from specstream_mlx.convert import ConversionError, convert  # noqa: E402
 from specstream_mlx.convert.streams import read_streams, save_torch_checkpoint  # noqa: E402

@@ -10,7 +10,7 @@ scipy_stats = pytest.importorskip("scipy.stats")
 
 import specstream_mlx.decode as decode_module  # noqa: E402
 import specstream_mlx.drafters as drafters  # noqa: E402
-from helpers import decode_tokens, random_prompt, ss_model  # noqa: E402
+from .helpers import decode_tokens, random_prompt, ss_model  # noqa: E402
 from specstream_mlx.config import TreeSettings  # noqa: E402
 from specstream_mlx.verify import SamplingParams, accept_sampling, target_logits  # noqa: E402
 

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from serving import (ServerProcess, chat_body, final_chunk, request, stream, streamed_text, write_text_checkpoint)
+from .serving import (ServerProcess, chat_body, final_chunk, request, stream, streamed_text, write_text_checkpoint)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

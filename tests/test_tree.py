@@ -5,7 +5,6 @@ import pytest
 
 from specstream_mlx.masks import Rows, build_mask, chain_rows, msa_block, row_positions
 from specstream_mlx.tree import Tree, ancestor_mask, build_tree, chain_tree, draft_token_index, path_logprobs, prune_tree, subtree
-from specstream_mlx.verify import accept_greedy
 
 
 def test_build_tree_two_by_one():
@@ -67,14 +66,6 @@ def test_draft_token_index():
     tree = build_tree((2, 1))
     # table rows: stream 1 -> [0, 1], stream 2 -> [2, 3] with top_k = 2
     assert draft_token_index(tree, 2).tolist() == [0, 1, 2, 2]
-
-
-def test_accept_greedy_follows_argmax():
-    tree = build_tree((2, 1)).with_tokens(np.array([10, 11, 12, 13, 14]))
-    # root predicts 12 (node 2), node 2 predicts 14 (node 4), node 4 predicts 99.
-    argmax = np.array([12, 0, 14, 0, 99])
-    assert accept_greedy(tree, argmax) == [0, 2, 4]
-    assert accept_greedy(tree, np.array([7, 0, 0, 0, 0])) == [0]
 
 
 def test_prune_tree_threshold_and_cap():

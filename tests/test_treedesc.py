@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernel_cases import random_parents, tree_rows
+from .kernel_cases import random_parents, tree_rows
 from specstream_mlx.masks import build_mask, chain_rows, msa_block, row_positions
 from specstream_mlx.treedesc import dense_mask, describe, pack_bits, unpack_bits, visibility_block
 

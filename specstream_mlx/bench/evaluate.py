@@ -6,7 +6,6 @@ and case normalisation for SQL. Speed: tokens per forward of greedy decoding.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -14,7 +13,7 @@ from typing import List, Optional, Sequence
 
 from ..drafters import Drafter
 from ..generate import stream_generate
-from ..prompts import format_messages
+from ..records import read_records
 
 
 def _words(text: str) -> List[str]:
@@ -49,30 +48,17 @@ def exact_match(candidate: str, reference: str) -> float:
 
 
 def _pairs(path: str, tokenizer, limit: Optional[int]):
-    """(formatted prompt, reference) pairs from prompt/completion or messages records."""
-    out = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: each line must be a JSON object")
-            if "messages" in record:
-                messages, reference = record["messages"][:-1], record["messages"][-1]["content"]
-            elif "prompt" in record and "completion" in record:
-                messages, reference = [{"role": "user", "content": record["prompt"]}], record["completion"]
-            else:
-                raise ValueError(f"{path}:{number}: expected prompt/completion or messages")
-            out.append((format_messages(tokenizer, messages), reference))
-            if limit and len(out) >= limit:
-                break
-    if not out:
-        raise ValueError(f"{path} holds no examples")
-    return out
+    """(formatted prompt, reference) pairs from prompt/completion or messages records.
+
+    The reference is the record's completion (``"completion"``, or the
+    trailing assistant message); the prompt is what precedes it, formatted as
+    generation does (``records.Record.prompt_text``).
+
+    Raises:
+        RecordError: missing or empty file, or a bad line (names file and line).
+    """
+    records = read_records(path, limit=limit or None, need_completion=True, allow_text=False)
+    return [(record.prompt_text(tokenizer), record.completion) for record in records]
 
 
 class _SpeedTally:
@@ -179,12 +165,15 @@ def paired_difference(first: dict, second: dict) -> dict:
 
 
 def speed_on_prompts(model, tokenizer, prompts: List[List[int]], max_tokens: int = 64,
-                     tree: Optional[TreeSettings] = None) -> dict:
-    """Tokens per forward and acceptance by depth of greedy decoding on token prompts."""
+                     drafter: Optional[Drafter] = None) -> dict:
+    """Tokens per forward and acceptance by depth of greedy decoding on token prompts.
+
+    ``drafter``: from ``drafters.make_drafter`` (default: the checkpoint's tree).
+    """
     speed = _SpeedTally()
     for prompt in prompts:
         last = None
-        for last in stream_generate(model, tokenizer, prompt, max_tokens, tree=tree):
+        for last in stream_generate(model, tokenizer, prompt, max_tokens, drafter=drafter):
             pass
         speed.add(last)
     return {

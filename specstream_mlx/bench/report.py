@@ -1,6 +1,7 @@
 """Benchmark figures, the markdown table, the plot and the files in ``--out``.
 
-``summarize`` turns per-prompt runs into per-method figures; ``write_outputs``
+``Run`` is one method on one prompt; ``summarize`` turns per-prompt runs into
+per-method figures; ``write_outputs``
 writes ``results.json``, ``results.md`` and (with matplotlib, the ``bench``
 extra) ``results.png``.
 """
@@ -10,13 +11,31 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
-
-if TYPE_CHECKING:
-    from .run import Run
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 #: Methods whose greedy output must equal ``ar``'s in lossless mode.
 LOSSLESS = ("ss", "ss-chain", "pld", "ss-pld")
+
+
+@dataclass
+class Run:
+    """One method on one prompt."""
+
+    tokens: List[int]
+    ttft_s: float
+    decode_s: float
+    emitted: int  # tokens the forwards produced, a final EOS included
+    forwards: int = 0
+    forward_tokens: int = 0
+    depth_hits: List[int] = field(default_factory=list)
+    peak_memory_gb: float = 0.0
+
+    @property
+    def tps(self) -> Optional[float]:
+        if self.emitted < 2 or self.decode_s <= 0:
+            return None
+        return (self.emitted - 1) / self.decode_s
 
 
 def _quantiles(values: List[float]) -> dict:

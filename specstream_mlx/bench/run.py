@@ -29,13 +29,13 @@ import contextlib
 import io
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 
 from .prompts import BenchError, load_prompts
-from .report import summarize
+from .report import Run, summarize
 from ..config import TreeSettings, tree_settings
 from ..drafters import make_drafter
 from ..generate import max_context, stream_generate
@@ -44,9 +44,32 @@ from ..tree import build_tree
 METHODS = ("ar", "ss", "ss-chain", "pld", "ss-pld", "draft")
 
 
+def check_methods(names: Sequence[str]) -> List[str]:
+    """``names`` if each is one of ``METHODS`` (the one check of method names).
+
+    Raises:
+        BenchError: an unknown name.
+    """
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise BenchError(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)} "
+                         "(comma-separated)")
+    return list(names)
+
+
 @dataclass
 class BenchSettings:
-    """Everything that decides what a benchmark runs (recorded in results.json)."""
+    """Everything that decides what a benchmark runs (recorded in results.json).
+
+    Checked when made (``__post_init__``), before anything loads: the one place
+    bench settings are validated; tree and sampling values by ``TreeSettings``
+    and ``SamplingParams`` themselves.
+
+    Raises:
+        BenchError: unknown methods, counts below 1, nothing to run.
+        ValueError: tree or sampling settings that ``TreeSettings`` /
+            ``SamplingParams`` refuse.
+    """
 
     model: str
     data: str
@@ -69,25 +92,26 @@ class BenchSettings:
     system_prompt: Optional[str] = None
     ignore_chat_template: bool = False
 
+    def __post_init__(self):
+        from ..verify import SamplingParams
 
-@dataclass
-class Run:
-    """One method on one prompt."""
-
-    tokens: List[int]
-    ttft_s: float
-    decode_s: float
-    emitted: int  # tokens the forwards produced, a final EOS included
-    forwards: int = 0
-    forward_tokens: int = 0
-    depth_hits: List[int] = field(default_factory=list)
-    peak_memory_gb: float = 0.0
-
-    @property
-    def tps(self) -> Optional[float]:
-        if self.emitted < 2 or self.decode_s <= 0:
-            return None
-        return (self.emitted - 1) / self.decode_s
+        check_methods(self.methods)
+        if not self.methods and not self.sweep_widths:
+            raise BenchError("no methods to run: give --methods or --sweep")
+        at_least_one = {"max_tokens": self.max_tokens, "num_prompts": self.num_prompts,
+                        "num_draft_tokens": self.num_draft_tokens,
+                        "pld_max_ngram": self.pld_max_ngram, "pld_tokens": self.pld_tokens}
+        for name, value in at_least_one.items():
+            if value is not None and value < 1:
+                raise BenchError(f"{name} must be at least 1, got {value}")
+        if self.warmup_tokens < 0:
+            raise BenchError(f"warmup_tokens must be >= 0 (0: no warm-up), got {self.warmup_tokens}")
+        SamplingParams(temp=self.temp, top_p=self.top_p)
+        TreeSettings(self.tree_widths or (), self.max_nodes, self.prune_threshold)
+        for widths in self.sweep_widths:
+            TreeSettings(widths, None)
+        for cap in self.sweep_max_nodes:
+            TreeSettings((), cap)
 
 
 def parse_methods(text: Optional[str]) -> Optional[List[str]]:
@@ -95,11 +119,7 @@ def parse_methods(text: Optional[str]) -> Optional[List[str]]:
     if text is None:
         return None
     names = [m for m in text.replace(" ", ",").split(",") if m]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise BenchError(f"unknown method {unknown[0] if unknown else text!r}: choose from "
-                         f"{', '.join(METHODS)} (comma-separated)")
-    return list(dict.fromkeys(names))
+    return check_methods(list(dict.fromkeys(names)) or [text])
 
 
 def _timed(responses) -> tuple:
@@ -273,18 +293,10 @@ def run_bench(settings: BenchSettings, device_report: bool = False,
         (per-prompt runs with tokens), ``sweep`` and, if asked, ``device``.
 
     Raises:
-        BenchError: bad input; plus ``loading``'s errors for bad checkpoints.
+        BenchError: bad prompts; plus ``loading``'s errors for bad checkpoints
+            (the settings were checked when ``settings`` was made).
     """
-    methods = list(settings.methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise BenchError(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
-    if settings.max_tokens < 1:
-        raise BenchError(f"--max-tokens must be at least 1, got {settings.max_tokens}")
-    if settings.num_prompts is not None and settings.num_prompts < 1:
-        raise BenchError(f"--num-prompts must be at least 1, got {settings.num_prompts}")
-    if not methods and not settings.sweep_widths:
-        raise BenchError("no methods to run: give --methods or --sweep")
+    methods = list(settings.methods)  # checked by BenchSettings
     log(f"[bench] loading {settings.model}")
     from ..loading import load
 
@@ -300,8 +312,9 @@ def run_bench(settings: BenchSettings, device_report: bool = False,
     names = list(runners)
     warm = min(settings.warmup_tokens, settings.max_tokens)
     for name in names:
-        log(f"[bench] warm-up {name} ({warm} tokens)")
-        runners[name](prompts[0].tokens, warm, settings.seed)
+        if warm:  # --warmup-tokens 0: none
+            log(f"[bench] warm-up {name} ({warm} tokens)")
+            runners[name](prompts[0].tokens, warm, settings.seed)
     runs: Dict[str, List[Run]] = {name: [] for name in names}
     start = time.perf_counter()
     for index, prompt in enumerate(prompts):
@@ -314,7 +327,7 @@ def run_bench(settings: BenchSettings, device_report: bool = False,
         log(f"[bench] prompt {index + 1}/{len(prompts)} (line {prompt.line}, "
             f"{len(prompt.tokens)} tokens): " + ", ".join(
                 f"{n} {_fmt(runs[n][-1].tps)}" for n in names) + f" tok/s; ~{left:.0f} s left")
-    lossless = model.config.mode == "lossless"
+    lossless = not model.config.shared
     dtype = str(model.base.model.norm.weight.dtype).replace("mlx.core.", "")
     results = {
         "settings": _settings_dict(settings, model),
@@ -378,4 +391,4 @@ def sweep_settings(widths: Sequence[tuple], max_nodes: Sequence[Optional[int]], 
 
 
 __all__ = ["BenchSettings", "BenchError", "METHODS", "run_bench", "load_prompts",
-           "parse_methods", "sweep_settings", "summarize", "tree_label"]
+           "check_methods", "parse_methods", "sweep_settings", "summarize", "tree_label"]

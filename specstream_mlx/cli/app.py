@@ -1,4 +1,4 @@
-"""The ``specstream-mlx`` command line. Commands parse options and call the library."""
+"""The ``specstream-mlx`` typer app and what every command shares: error translation, option parsing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .. import _blas  # noqa: F401  (loads OpenBLAS before mlx)
+from ..config import TreeSettings
 
 app = typer.Typer(
     add_completion=False,
@@ -22,47 +23,82 @@ class UsageError(ValueError):
     """Bad command-line input (reported as one line, exit code 2)."""
 
 
+#: How the library names a setting at the start of its error messages, and the
+#: option that sets it. The library validates every value (once, where it first
+#: receives it); the command line only says which of its options was wrong.
+LIBRARY_NAMES = {
+    "max_tokens": "--max-tokens",
+    "temperature": "--temp",
+    "top-p": "--top-p",
+    "top-k": "--top-k",
+    "max_nodes": "--max-nodes",
+    "tree widths": "--tree-width",
+    "lookup": "--lookup",
+    "num_prompts": "--num-prompts",
+    "num_draft_tokens": "--num-draft-tokens",
+    "pld_max_ngram": "--pld-ngram",
+    "pld_tokens": "--pld-tokens",
+    "warmup_tokens": "--warmup-tokens",
+}
+
+#: Tree widths as options and messages spell them, e.g. ``3,2,1``.
+DEFAULT_WIDTHS = ",".join(map(str, TreeSettings().widths))
+
+
+def _option_message(exc: Exception, ctx: Optional[typer.Context]):
+    """``(message, named)``: the error's text with the running command's option for the
+    setting it is about (``max_tokens must ...`` -> ``--max-tokens must ...``); ``named``
+    if it is about one of them. A leading library name (``LIBRARY_NAMES``) is replaced;
+    else an error's ``field`` attribute (``verify.SamplingError``) naming a parameter of
+    the command puts its option in front."""
+    message = str(exc)
+    params = [p for p in ctx.command.params if getattr(p, "opts", None)] if ctx else []
+    flags = {opt for param in params for opt in param.opts}
+    for name, flag in LIBRARY_NAMES.items():
+        if message.startswith(name + " ") and flag in flags:
+            return flag + message[len(name):], True
+    field = getattr(exc, "field", None)
+    for param in params:
+        if param.name == field:
+            return f"{max(param.opts, key=len)}: {message}", True
+    return message, False
+
+
 def _fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
-def _run(fn):
-    """Call ``fn`` turning the library's input errors into one-line messages."""
+def _run(fn, ctx: Optional[typer.Context] = None):
+    """Call ``fn`` turning the library's input errors into one-line messages.
+
+    Exit code 2 for bad options (``UsageError``, or a library error about one
+    of the options of ``ctx``'s command), 1 for everything else.
+    """
     from ..config import CheckpointError
     from ..decode import ContextOverflowError
     from ..families import UnsupportedArchitectureError
 
     try:
         return fn()
-    except UsageError as exc:
-        _fail(str(exc), 2)
     except (CheckpointError, UnsupportedArchitectureError, ContextOverflowError) as exc:
         _fail(str(exc))
     except (ValueError, FileNotFoundError, PermissionError) as exc:
-        _fail(str(exc))
+        message, named = _option_message(exc, ctx)
+        _fail(message, 2 if named or isinstance(exc, UsageError) else 1)
 
 
 def _parse_widths(text: Optional[str]) -> Optional[tuple]:
+    """``--tree-width`` text as a tuple of integers (``TreeSettings`` checks the values)."""
     if text is None:
         return None
     try:
         widths = tuple(int(w) for w in text.replace(" ", "").split(",") if w)
     except ValueError:
-        raise UsageError(f"--tree-width takes comma-separated integers like 3,2,1, got {text!r}")
-    if not widths or any(w < 1 for w in widths):
-        raise UsageError(f"--tree-width needs positive widths like 3,2,1, got {text!r}")
+        widths = ()
+    if not widths:
+        raise UsageError(f"--tree-width takes comma-separated integers like {DEFAULT_WIDTHS}, got {text!r}")
     return widths
-
-
-def check_decode_options(max_tokens: int, temp: float, max_nodes: Optional[int]) -> None:
-    """Refuse decoding options that cannot work (``UsageError``)."""
-    if max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
-    if temp < 0:
-        raise UsageError(f"--temp must be >= 0, got {temp}")
-    if max_nodes is not None and max_nodes < 1:
-        raise UsageError(f"--max-nodes must be >= 1, got {max_nodes}")
 
 
 def model_or_default(model: Optional[str]) -> str:

@@ -1,4 +1,4 @@
-"""``specstream-mlx bench``: option parsing only (the work is in ``bench``)."""
+"""``specstream-mlx bench``: option parsing only (the work is ``bench.run``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .app import check_decode_options, UsageError, _parse_widths, _run, app
+from .app import DEFAULT_WIDTHS, UsageError, _parse_widths, _run, app
 
 _SWEEP_WIDTHS = "1;1,1;1,1,1;2,1;2,1,1;2,2,1;3,2,1;3,3,1"
 _SWEEP_NODES = "4,8,16"
@@ -64,7 +64,7 @@ def bench(
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated from ar,ss,ss-chain,pld,ss-pld,draft (default: all; with --sweep: ar)."),
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model for `draft` (default: 4-bit copy of the target)."),
     num_draft_tokens: int = typer.Option(3, "--num-draft-tokens", help="Drafts per step for `draft`."),
-    tree_width: Optional[str] = typer.Option(None, "--tree-width", help="ss tree: children per depth, e.g. 3,2,1."),
+    tree_width: Optional[str] = typer.Option(None, "--tree-width", help=f"ss tree: children per depth, e.g. {DEFAULT_WIDTHS} (default: the checkpoint's)."),
     max_nodes: Optional[int] = typer.Option(None, "--max-nodes", help="ss tree: cap on rows (root included)."),
     prune_threshold: Optional[float] = typer.Option(None, "--prune-threshold", help="ss tree: early-exit pruning."),
     pld_ngram: int = typer.Option(3, "--pld-ngram", help="pld, ss-pld: longest n-gram to look up."),
@@ -85,33 +85,28 @@ def bench(
         from ..bench.run import BenchSettings, parse_methods, run_bench
         from ..bench.report import format_table, write_outputs
 
-        check_decode_options(max_tokens, temp, max_nodes)
-        if num_prompts is not None and num_prompts < 1:
-            raise UsageError(f"--num-prompts must be at least 1, got {num_prompts}")
-        if pld_ngram < 1 or pld_tokens < 1 or num_draft_tokens < 1:
-            raise UsageError("--pld-ngram, --pld-tokens and --num-draft-tokens must be >= 1")
-        try:
-            chosen = parse_methods(methods)
-        except ValueError as exc:
-            raise UsageError(str(exc))
-        if chosen is None:
-            chosen = ["ar"] if sweep else None
-        grid_widths, grid_nodes = _parse_sweep(sweep_widths, sweep_max_nodes) if sweep else ((), ())
         if save_tree and not sweep:
             raise UsageError("--save-tree keeps the best tree of a sweep: add --sweep")
         if save_tree and not Path(model).is_dir():
             raise UsageError(f"--save-tree writes into a local checkpoint folder; {model!r} is not "
                              "one (download it, e.g. with `huggingface-cli download`, and pass the folder)")
-        settings = BenchSettings(
-            model=model, data=data, num_prompts=num_prompts, max_tokens=max_tokens, temp=temp,
-            top_p=top_p, seed=seed, tree_widths=_parse_widths(tree_width), max_nodes=max_nodes,
-            prune_threshold=prune_threshold, sweep_widths=grid_widths, sweep_max_nodes=grid_nodes,
-            draft_model=draft_model,
-            num_draft_tokens=num_draft_tokens, pld_max_ngram=pld_ngram, pld_tokens=pld_tokens,
-            warmup_tokens=warmup_tokens, system_prompt=system_prompt,
-            ignore_chat_template=ignore_chat_template,
-            **({} if chosen is None else {"methods": chosen}),
-        )
+        try:  # BenchSettings checks every setting; refused here, they are bad options
+            chosen = parse_methods(methods)
+            if chosen is None:
+                chosen = ["ar"] if sweep else None
+            grid_widths, grid_nodes = _parse_sweep(sweep_widths, sweep_max_nodes) if sweep else ((), ())
+            settings = BenchSettings(
+                model=model, data=data, num_prompts=num_prompts, max_tokens=max_tokens, temp=temp,
+                top_p=top_p, seed=seed, tree_widths=_parse_widths(tree_width), max_nodes=max_nodes,
+                prune_threshold=prune_threshold, sweep_widths=grid_widths, sweep_max_nodes=grid_nodes,
+                draft_model=draft_model,
+                num_draft_tokens=num_draft_tokens, pld_max_ngram=pld_ngram, pld_tokens=pld_tokens,
+                warmup_tokens=warmup_tokens, system_prompt=system_prompt,
+                ignore_chat_template=ignore_chat_template,
+                **({} if chosen is None else {"methods": chosen}),
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         results = run_bench(settings, device_report)
         results = {"command": _command_line(ctx), **results}
         files = write_outputs(results, out)
@@ -122,4 +117,4 @@ def bench(
         if save_tree:
             _save_best_tree(results, Path(model))
 
-    _run(run)
+    _run(run, ctx)

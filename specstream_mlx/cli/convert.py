@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..config import DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_STREAM_LAYERS, MODES
 from .app import _run, app
 
 
@@ -21,16 +22,15 @@ def convert_command(
     q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight when quantizing."),
     q_group_size: int = typer.Option(64, "--q-group-size", help="Group size when quantizing."),
     dequantize: bool = typer.Option(False, "-d", "--dequantize", help="Turn GGUF-quantized layers into float ones."),
-    gamma: int = typer.Option(3, "--gamma", help="Streams, when --streams is not given."),
-    stream_layers: int = typer.Option(4, "--stream-layers", help="Multi-stream layers, when --streams is not given."),
-    mode: str = typer.Option("lossless", "--mode", help="lossless | shared, when --streams is not given."),
-    seed: int = typer.Option(0, "--seed", help="Seed for fresh streams."),
+    gamma: int = typer.Option(DEFAULT_GAMMA, "--gamma", help="Streams, when --streams is not given."),
+    stream_layers: int = typer.Option(DEFAULT_STREAM_LAYERS, "--stream-layers", help="Multi-stream layers, when --streams is not given."),
+    mode: str = typer.Option(DEFAULT_MODE, "--mode", help=f"{' | '.join(MODES)}, when --streams is not given."),
+    seed: int = typer.Option(0, "--seed", help="Seed for fresh streams (the same streams as `init` with this seed)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --mlx-path if it exists."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision for repo ids."),
 ):
     """Convert a Hugging Face or GGUF model (+ PyTorch streams) into a checkpoint."""
-    from ..cli.app import _run
-    from .pipeline import convert
+    from ..convert.pipeline import convert
 
     out = _run(lambda: convert(
         hf_path, str(mlx_path), gguf=str(gguf) if gguf else None,

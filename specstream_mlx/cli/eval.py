@@ -13,6 +13,7 @@ from .app import UsageError, _run, app
 
 @app.command("eval")
 def eval_command(
+    ctx: typer.Context,
     model: str = typer.Option(..., "--model", help="Checkpoint to evaluate."),
     data: str = typer.Option(..., "--data", help="JSONL with prompt/completion or messages."),
     metric: str = typer.Option("rouge", help="rouge (ROUGE-L) | exact (SQL exact match)."),
@@ -38,4 +39,4 @@ def eval_command(
         if out is not None:
             out.write_text(json.dumps(figures, indent=2) + "\n")
 
-    _run(run)
+    _run(run, ctx)

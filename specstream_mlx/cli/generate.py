@@ -8,16 +8,17 @@ from typing import Optional
 
 import typer
 
-from .app import UsageError, _parse_widths, _read_prompt, _run, app, check_decode_options, describe_runtime, model_or_default
+from ..config import DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_STREAM_LAYERS, MODES
+from .app import DEFAULT_WIDTHS, UsageError, _parse_widths, _read_prompt, _run, app, describe_runtime, model_or_default
 
 
 @app.command()
 def init(
     model: str = typer.Option(..., "--model", help="Base mlx-lm model directory or HF repo id."),
     out: Path = typer.Option(..., "--out", help="Output checkpoint directory."),
-    gamma: int = typer.Option(3, help="Number of speculative streams."),
-    stream_layers: int = typer.Option(4, "--stream-layers", help="Top layers with multi-stream attention."),
-    mode: str = typer.Option("lossless", help="lossless | shared"),
+    gamma: int = typer.Option(DEFAULT_GAMMA, help="Number of speculative streams."),
+    stream_layers: int = typer.Option(DEFAULT_STREAM_LAYERS, "--stream-layers", help="Top layers with multi-stream attention."),
+    mode: str = typer.Option(DEFAULT_MODE, help=" | ".join(MODES)),
     seed: int = typer.Option(0, help="Seed for the fresh stream parameters."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
@@ -33,6 +34,7 @@ def init(
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id (default: SmolLM2-135M-Instruct)."),
     prompt: str = typer.Option(..., "-p", "--prompt", help="Prompt text, or - to read stdin."),
     max_tokens: int = typer.Option(256, "-m", "--max-tokens", help="Maximum tokens to generate."),
@@ -43,7 +45,7 @@ def generate(
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System message."),
     ignore_chat_template: bool = typer.Option(False, "--ignore-chat-template", help="Use the raw prompt."),
     no_spec: bool = typer.Option(False, "--no-spec", help="Plain one-token decoding (baseline)."),
-    tree_width: Optional[str] = typer.Option(None, "--tree-width", help="Children per depth, e.g. 3,2,1."),
+    tree_width: Optional[str] = typer.Option(None, "--tree-width", help=f"Children per depth, e.g. {DEFAULT_WIDTHS} (default: the checkpoint's)."),
     max_nodes: Optional[int] = typer.Option(None, "--max-nodes", help="Cap on tree rows (root included)."),
     prune_threshold: Optional[float] = typer.Option(None, "--prune-threshold", help="Early-exit pruning threshold."),
     lookup: int = typer.Option(0, "--lookup", help="Also draft up to N prompt-lookup tokens per step beside the tree (0: off)."),
@@ -53,9 +55,6 @@ def generate(
     """Generate text, printing it as it comes, then the statistics."""
 
     def run():
-        check_decode_options(max_tokens, temp, max_nodes)
-        if lookup < 0:
-            raise UsageError(f"--lookup takes a number of tokens >= 0, got {lookup}")
         if lookup and no_spec:
             raise UsageError("--lookup drafts tokens and --no-spec turns drafting off: give one of them")
         text = _read_prompt(prompt)
@@ -65,7 +64,9 @@ def generate(
         from ..generate import format_stats, stream_generate
         from ..loading import load
         from ..prompts import format_prompt
+        from ..verify import SamplingParams
 
+        sampling = SamplingParams(temp=temp, top_p=top_p, top_k=top_k)  # checked before the load
         ss_model, tokenizer = load(model_or_default(model))
         tree = tree_settings(ss_model.config, widths, max_nodes, prune_threshold)
         if verbose:
@@ -74,8 +75,7 @@ def generate(
         drafter = make_drafter(ss_model, tree, lookup=lookup, speculative=not no_spec)
         last = None
         for last in stream_generate(
-            ss_model, tokenizer, full, max_tokens, temp=temp, top_p=top_p, top_k=top_k,
-            seed=seed, drafter=drafter,
+            ss_model, tokenizer, full, max_tokens, sampling=sampling, seed=seed, drafter=drafter,
         ):
             typer.echo(last.text, nl=False)
         typer.echo()
@@ -83,4 +83,4 @@ def generate(
         if stats_json is not None:
             stats_json.write_text(json.dumps(last.stats(), indent=2) + "\n")
 
-    _run(run)
+    _run(run, ctx)

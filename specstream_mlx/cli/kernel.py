@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..config import DEFAULT_GAMMA
 from .app import UsageError, _parse_ints, _run, app
 
 
@@ -15,7 +16,7 @@ from .app import UsageError, _parse_ints, _run, app
 def bench_kernel(
     tree_sizes: str = typer.Option("4,16,40", "--tree-sizes", help="Tree nodes, comma-separated."),
     prefixes: str = typer.Option("0,512,2048", "--prefixes", help="Cached prefix lengths."),
-    gamma: int = typer.Option(3, help="Stream rows per node (multi-stream layer)."),
+    gamma: int = typer.Option(DEFAULT_GAMMA, help="Stream rows per node (multi-stream layer)."),
     heads: int = typer.Option(32, help="Query heads."),
     kv_heads: int = typer.Option(8, "--kv-heads", help="Key/value heads."),
     head_dim: int = typer.Option(128, "--head-dim", help="Head dimension (64/96/128/256)."),

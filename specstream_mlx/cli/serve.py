@@ -13,6 +13,7 @@ from .app import UsageError, _run, app, model_or_default
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory or HF repo id (default: the embedded SmolLM2)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: loopback only)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port, printed at start)."),
@@ -39,4 +40,4 @@ def serve(
         except ServerStartError as exc:
             raise UsageError(str(exc)) from None
 
-    _run(run)
+    _run(run, ctx)

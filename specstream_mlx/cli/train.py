@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..config import DEFAULT_ADAPTER_RANK, DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_STREAM_LAYERS, MODES
 from .app import UsageError, _run, app
 
 
@@ -16,13 +17,13 @@ def train(
     model: str = typer.Option(..., "--model", help="SS checkpoint, or a plain model (fresh streams)."),
     data: str = typer.Option(..., "--data", help="JSONL file or folder (train.jsonl)."),
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
-    mode: Optional[str] = typer.Option(None, help="lossless | shared (default: the checkpoint's)."),
+    mode: Optional[str] = typer.Option(None, help=f"{' | '.join(MODES)} (default: the checkpoint's; fresh streams: {DEFAULT_MODE})."),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation JSONL."),
-    gamma: Optional[int] = typer.Option(None, help="Streams, for fresh streams (default 3)."),
+    gamma: Optional[int] = typer.Option(None, help=f"Streams, for fresh streams (default {DEFAULT_GAMMA})."),
     stream_layers: Optional[int] = typer.Option(
-        None, "--stream-layers", help="MSA layers, for fresh streams (default 4)."),
+        None, "--stream-layers", help=f"MSA layers, for fresh streams (default {DEFAULT_STREAM_LAYERS})."),
     adapter_rank: Optional[int] = typer.Option(
-        None, "--adapter-rank", help="Stream adapter rank, for fresh streams (default 64)."),
+        None, "--adapter-rank", help=f"Stream adapter rank, for fresh streams (default {DEFAULT_ADAPTER_RANK})."),
     fresh_streams: bool = typer.Option(
         False, "--fresh-streams",
         help="--model is a checkpoint: keep its base model, train new streams with the settings "
@@ -59,14 +60,12 @@ def train(
     from ..train.data import load_examples
     from ..train.distill import distill as run_distill
     from ..bench.evaluate import speed_on_prompts
-    from ..config import MODES, read_config
+    from ..config import read_config
     from ..loading import load_for_training
     from ..train.losses import LossWeights
     from ..train.loop import STATE_JSON, TrainConfig, train as run_train
 
     def run():
-        if mode not in (None, *MODES):
-            raise UsageError(f"--mode must be lossless or shared, got {mode!r}")
         if positions is not None and positions < 1:
             raise UsageError(f"--positions must be at least 1, got {positions}")
         if embedding_lr is not None and embedding_lr <= 0:

@@ -6,8 +6,10 @@ mask over cache slots, pending commit), draft a tree from the last accepted
 row's streams, verify (greedy, or tree rejection sampling) and commit the
 accepted path. It runs against any backend with ``predict`` / ``reset``: the
 traced PyTorch module on Linux (``TorchBackend``), the saved package on macOS
-(``CoreMLBackend``). Verification reuses the runtime's own rules
-(``tree.accept_greedy``, ``verify.accept_sampling``).
+(``CoreMLBackend``). Verification reuses the runtime's own rules and
+settings (``verify.accept_greedy``, ``verify.accept_sampling``,
+``verify.SamplingParams``); the target distribution is ``target_probs``, a
+numpy copy of ``verify.target_logits`` that the Swift code mirrors.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..tree import Tree
-from ..verify import accept_greedy
+from ..verify import SamplingParams, accept_greedy
 from . import interface
 
 INPUT_ROLES = tuple(interface.interface()["inputs"])
@@ -178,31 +180,37 @@ class Session:
         self.length += len(rows)
 
 
-@dataclass
-class Sampling:
-    """Greedy (``temp == 0``) or sampling with temperature, top-k and top-p."""
+def target_probs(logits: np.ndarray, sampling: SamplingParams) -> np.ndarray:
+    """Target distribution of each row, in numpy. ``(..., V) -> (..., V)``.
 
-    temp: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def probs(self, logits: np.ndarray) -> np.ndarray:
-        """Target distribution of each row. ``(..., V) -> (..., V)``."""
-        x = logits.astype(np.float64) / self.temp
-        if self.top_k > 0:
-            kth = np.sort(x, axis=-1)[..., -self.top_k][..., None]
-            x = np.where(x < kth, -np.inf, x)
-        p = np.exp(x - x.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        if 0 < self.top_p < 1:
-            order = np.argsort(-p, axis=-1)
-            sorted_p = np.take_along_axis(p, order, -1)
-            before = np.cumsum(sorted_p, -1) - sorted_p  # mass of better tokens
-            keep = np.zeros_like(p, dtype=bool)
-            np.put_along_axis(keep, order, before < self.top_p, -1)
-            p = np.where(keep, p, 0.0)
-            p /= p.sum(-1, keepdims=True)
-        return p
+    The same steps, in the same order, as ``verify.target_logits`` (mlx-lm's
+    sampler), which the Swift app's ``Sampling.probabilities`` copies too:
+    log-softmax, then top-p, then min-p, then top-k (filtered tokens get
+    ``-inf``), then divide by the temperature and softmax. What "off" means is
+    ``SamplingParams``' rule (``top_p == 1``, ``min_p == 0``, ``top_k == 0``).
+    tests/test_coreml_step.py checks this against ``verify.target_logits``.
+    """
+    x = logits.astype(np.float64)
+    top = x.max(-1, keepdims=True)
+    x = x - (top + np.log(np.exp(x - top).sum(-1, keepdims=True)))  # log-probabilities
+    if sampling.top_p < 1:
+        # mlx_lm.sample_utils.apply_top_p: keep each token whose strictly better
+        # tokens hold less than top_p of the mass (ties at the threshold stay).
+        ascending = np.sort(x, axis=-1)
+        p = np.exp(ascending)
+        above = np.cumsum(p[..., ::-1], axis=-1)[..., ::-1] - p  # mass after each position
+        dropped = (above >= sampling.top_p * p.sum(-1, keepdims=True)).sum(-1, keepdims=True)
+        x = np.where(x < np.take_along_axis(ascending, dropped, -1), -np.inf, x)
+    if sampling.min_p > 0:
+        # apply_min_p: drop tokens below min_p times the best token's probability.
+        x = np.where(x < x.max(-1, keepdims=True) + np.log(sampling.min_p), -np.inf, x)
+    if 0 < sampling.top_k < x.shape[-1]:
+        # apply_top_k: keep the top_k best (ties at the k-th all stay).
+        kth = np.sort(x, axis=-1)[..., -sampling.top_k][..., None]
+        x = np.where(x < kth, -np.inf, x)
+    x = x / sampling.temp
+    p = np.exp(x - x.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
 
 
 def draft_tokens(streams: np.ndarray, tree: Tree) -> np.ndarray:
@@ -216,7 +224,7 @@ def draft_tokens(streams: np.ndarray, tree: Tree) -> np.ndarray:
 
 
 def generate(backend, layout: Layout, prompt: Sequence[int], max_tokens: int,
-             tree_size: Optional[int] = None, sampling: Sampling = Sampling(),
+             tree_size: Optional[int] = None, sampling: SamplingParams = SamplingParams(),
              seed: int = 0, stop_ids: Sequence[int] = ()) -> dict:
     """Decode with the package's interface; returns tokens and statistics.
 
@@ -226,7 +234,7 @@ def generate(backend, layout: Layout, prompt: Sequence[int], max_tokens: int,
         prompt: prompt token ids (non-empty).
         max_tokens: tokens to emit (the output is cut to this many).
         tree_size: one of ``layout.tree_sizes`` (default ``layout.tree_default``).
-        sampling: greedy by default.
+        sampling: ``verify.SamplingParams``; greedy by default.
         seed: for sampling. stop_ids: stop after emitting one of these.
 
     Returns:
@@ -245,9 +253,9 @@ def generate(backend, layout: Layout, prompt: Sequence[int], max_tokens: int,
     last_main, last_streams = main[-1], streams[-1]
 
     def choose(row, excluded=()):
-        if sampling.temp == 0:
+        if sampling.greedy:
             return int(np.argmax(row))
-        p = sampling.probs(row)
+        p = target_probs(row, sampling)
         p[list(excluded)] = 0.0
         return int(rng.choice(p.size, p=p / p.sum()))
 
@@ -262,11 +270,11 @@ def generate(backend, layout: Layout, prompt: Sequence[int], max_tokens: int,
             break
         forwards += 1
         drafted = tree.with_tokens(nodes)
-        if sampling.temp == 0:
+        if sampling.greedy:
             path = accept_greedy(drafted, main.argmax(-1))
             excluded = ()
         else:
-            probs = sampling.probs(main)
+            probs = target_probs(main, sampling)
             child = probs[np.maximum(tree.parents, 0), nodes]
             path, excluded = accept_sampling(drafted, child, rng.random(tree.size))
         session.commit(path)

@@ -220,8 +220,8 @@ class Handler(BaseHTTPRequestHandler):
                                         app.settings.max_tokens)
         try:
             job = app.engine.submit(GenerationRequest(
-                prompt_tokens=tokens, max_tokens=max_tokens, temperature=req.temperature,
-                top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop=req.stop,
+                prompt_tokens=tokens, max_tokens=max_tokens, sampling=req.sampling,
+                seed=req.seed, stop=req.stop,
             ))
         except QueueFullError as exc:
             raise APIError(429, str(exc), kind="rate_limit_error", code="queue_full") from None

@@ -14,7 +14,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from ..verify import SamplingError, SamplingParams
+
 MAX_STOPS = 4
+MAX_TEMPERATURE = 2.0  # OpenAI's API range; SamplingParams itself has no upper bound
+# SamplingParams field -> the request field that sets it
+SAMPLING_FIELDS = {"temp": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -52,27 +57,43 @@ def _bad(param: str, message: str) -> APIError:
     return APIError(400, f"'{param}': {message}", param=param)
 
 
-def _number(body: dict, name: str, default, low: float, high: float):
+def _number(body: dict, name: str, default, high: Optional[float] = None):
+    """A JSON number; its range is ``SamplingParams``' to check (``high``: an API cap)."""
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(name, f"expected a number, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise _bad(name, f"must be between {low} and {high}, got {value}")
+    if high is not None and value > high:
+        raise _bad(name, f"must be at most {high}, got {value}")
     return float(value)
 
 
-def _integer(body: dict, name: str, default, low: int, high: Optional[int] = None):
+def _integer(body: dict, name: str, default, low: Optional[int] = None,
+             high: Optional[int] = None):
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(name, f"expected an integer, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
+    if (low is not None and value < low) or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"between {low} and {high}"
         raise _bad(name, f"must be {bound}, got {value}")
     return value
+
+
+def _sampling(body: dict, default_temperature: float) -> SamplingParams:
+    """The request's sampling settings: JSON types checked here, ranges by ``SamplingParams``."""
+    given = {
+        "temp": _number(body, "temperature", default_temperature, high=MAX_TEMPERATURE),
+        "top_p": _number(body, "top_p", None),
+        "top_k": _integer(body, "top_k", None),
+        "min_p": _number(body, "min_p", None),
+    }
+    try:
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+    except SamplingError as exc:
+        raise APIError(400, str(exc), param=SAMPLING_FIELDS[exc.field]) from None
 
 
 def _flag(body: dict, name: str, default: bool = False) -> bool:
@@ -167,7 +188,10 @@ class ParsedRequest:
         messages: the chat messages (chat only).
         prompt: prompt text or token ids (completions only).
         max_tokens: the requested limit, or ``None`` for the server's default.
-        temperature, top_p, top_k, min_p, seed, stop: sampling settings.
+        sampling: temperature, top_p, top_k, min_p (``verify.SamplingParams``,
+            carried unchanged to the decoder).
+        seed: seeds MLX's generator for this request, or ``None``.
+        stop: stop strings.
         stream: answer with server-sent events.
         include_usage: send a usage chunk before ``[DONE]`` when streaming.
     """
@@ -176,10 +200,7 @@ class ParsedRequest:
     messages: List[Dict[str, str]] = field(default_factory=list)
     prompt: Union[str, List[int], None] = None
     max_tokens: Optional[int] = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
+    sampling: SamplingParams = SamplingParams()
     seed: Optional[int] = None
     stop: Tuple[str, ...] = ()
     stream: bool = False
@@ -198,7 +219,9 @@ def parse_request(body: Any, chat: bool, default_temperature: float = 0.0) -> Pa
         The request's settings.
 
     Raises:
-        APIError: (400) a missing field, a field of the wrong type or out of range.
+        APIError: (400) a missing field, a field of the wrong type or out of
+            range (sampling ranges: ``SamplingParams``' message, ``param`` the
+            request field).
     """
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -214,10 +237,7 @@ def parse_request(body: Any, chat: bool, default_temperature: float = 0.0) -> Pa
         messages=_messages(body) if chat else [],
         prompt=None if chat else _prompt(body),
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", default_temperature, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-        top_k=_integer(body, "top_k", 0, 0),
-        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        sampling=_sampling(body, default_temperature),
         seed=_integer(body, "seed", None, 0, 2**63 - 1),
         stop=_stops(body),
         stream=_flag(body, "stream"),

@@ -22,6 +22,7 @@ import mlx.core as mx
 from ..config import TreeSettings
 from ..drafters import make_drafter
 from ..generate import stream_generate
+from ..verify import SamplingParams
 from .stops import StopMatcher
 
 log = logging.getLogger("specstream_mlx.serve.http")
@@ -38,18 +39,15 @@ class GenerationRequest:
     Attributes:
         prompt_tokens: prompt token ids (already templated and encoded).
         max_tokens: most tokens to generate.
-        temperature, top_p, top_k, min_p: sampling settings (``temperature=0``:
-            greedy), as ``stream_generate`` takes them.
+        sampling: sampling settings (default: greedy), passed unchanged to
+            ``stream_generate``.
         seed: seed for sampling, or ``None``.
         stop: stop strings (generation ends before the first one found).
     """
 
     prompt_tokens: List[int]
     max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 0.0
-    top_k: int = 0
-    min_p: float = 0.0
+    sampling: SamplingParams = SamplingParams()
     seed: Optional[int] = None
     stop: Tuple[str, ...] = ()
 
@@ -266,8 +264,8 @@ class Engine:
         mx.reset_peak_memory()
         steps = stream_generate(
             self.model, self.tokenizer, r.prompt_tokens, r.max_tokens,
-            temp=r.temperature, top_p=r.top_p, top_k=r.top_k, min_p=r.min_p,
-            seed=r.seed, drafter=make_drafter(self.model, self.tree, speculative=self.speculative),
+            sampling=r.sampling, seed=r.seed,
+            drafter=make_drafter(self.model, self.tree, speculative=self.speculative),
         )
         last, finish = None, None
         try:

@@ -179,7 +179,7 @@ class CachedLoss:
 
     def __init__(self, model: SpecStreamModel, mains: List[MainStream], weights: LossWeights,
                  negatives: int = 4096, seed: int = 0, positions: Optional[int] = None) -> None:
-        if model.config.mode != "lossless":
+        if model.config.shared:
             raise ValueError("cached training is for lossless mode (the main stream is frozen)")
         self.mains, self.weights, self.negatives = mains, weights, negatives
         self.vocab = model.config.vocab_size

@@ -1,11 +1,17 @@
 """Training data: JSONL in mlx-lm's formats, tokenized with loss masks.
 
-Each line is one of (as in ``mlx_lm.lora``):
+The files are read by ``records.read_records`` (one reader for training, bench
+and eval; its docstring states the completion rule). Each line is one of:
 
 * ``{"text": "..."}``: loss on every token;
 * ``{"prompt": "...", "completion": "..."}``: loss on the completion only;
-* ``{"messages": [{"role": ..., "content": ...}, ...]}``: chat template
-  applied; loss on the last assistant message only.
+* ``{"messages": [..., {"role": "assistant", "content": ...}]}``: loss on the
+  trailing assistant message only (the completion); the prompt is the
+  messages before it with the chat template's generation prompt.
+
+The prompt tokens are those ``generate``, ``bench`` and ``eval`` decode from
+(``encode_prompt`` of ``Record.prompt_text``), so the streams learn on the
+prompts they will see.
 
 ``--data`` may be a file or a folder (``train.jsonl`` / ``valid.jsonl`` inside,
 or every ``*.jsonl``).
@@ -13,16 +19,21 @@ or every ``*.jsonl``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Sequence, Union
 
 import numpy as np
 
+from ..generate import encode_prompt
+from ..prompts import has_chat_template
+from ..records import Record, RecordError, jsonl_files, read_records, to_record
 
-class DataError(ValueError):
-    """A data file is missing or has a bad line (the message names file and line)."""
+DataError = RecordError
+"""A data file is missing or has a bad line (the message names file and line).
+
+An alias of ``records.RecordError``, kept for callers that catch ``DataError``.
+"""
 
 
 @dataclass(frozen=True)
@@ -41,18 +52,7 @@ class Example:
 
 def data_files(path: str, split: str = "train") -> List[Path]:
     """JSONL files for ``path``: the file itself, or ``{split}.jsonl`` / all ``*.jsonl`` in a folder."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        named = p / f"{split}.jsonl"
-        if named.is_file():
-            return [named]
-        files = sorted(p.glob("*.jsonl"))
-        if files:
-            return files
-        raise DataError(f"{p} holds no *.jsonl files")
-    raise DataError(f"data path {p} does not exist")
+    return jsonl_files(path, split)
 
 
 def _chat(tokenizer, messages, add_generation_prompt=False) -> List[int]:
@@ -64,65 +64,69 @@ def _chat(tokenizer, messages, add_generation_prompt=False) -> List[int]:
     return list(out)
 
 
-def encode_record(record: dict, tokenizer, use_chat_template: bool = True) -> Example:
-    """Tokenize one JSONL record into an ``Example``.
+def _templated_completion(tokenizer, record: Record, prompt_text: str) -> List[int]:
+    """Tokens of the completion as the chat template writes it after the prompt."""
+    messages = record.messages + [{"role": "assistant", "content": record.completion}]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if isinstance(full, str) and full.startswith(prompt_text):
+        return list(tokenizer.encode(full[len(prompt_text):], add_special_tokens=False))
+    # A template that writes earlier turns differently once a reply follows:
+    # the reply's tokens are what the templated conversation adds to the prompt's.
+    head = _chat(tokenizer, record.messages, add_generation_prompt=True)
+    return _chat(tokenizer, messages)[len(head):]
+
+
+def encode_record(record: Union[Record, dict], tokenizer, use_chat_template: bool = True) -> Example:
+    """Tokenize one record into an ``Example`` (loss on the completion, see ``records``).
+
+    Args:
+        record: a ``records.Record`` or a decoded JSONL line.
 
     Raises:
-        ValueError: the record has none of the known formats.
+        RecordError: the record has none of the known formats, or no completion.
     """
-    has_template = use_chat_template and getattr(tokenizer, "chat_template", None)
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError('"messages" must be a non-empty list')
-        if not has_template:
-            raise ValueError('"messages" needs a tokenizer with a chat template')
-        full = _chat(tokenizer, messages)
-        prompt = _chat(tokenizer, messages[:-1], add_generation_prompt=True)
-        return Example(tuple(full), min(len(prompt), len(full) - 1))
-    if "prompt" in record and "completion" in record:
-        prompt, completion = record["prompt"], record["completion"]
-        if not isinstance(prompt, str) or not isinstance(completion, str):
-            raise ValueError('"prompt" and "completion" must be strings')
-        if has_template:
-            messages = [{"role": "user", "content": prompt}]
-            head = _chat(tokenizer, messages, add_generation_prompt=True)
-            full = _chat(tokenizer, messages + [{"role": "assistant", "content": completion}])
-        else:
-            head = tokenizer.encode(prompt)
-            full = head + tokenizer.encode(completion, add_special_tokens=False)
-        return Example(tuple(full), min(len(head), len(full) - 1))
-    if "text" in record:
-        if not isinstance(record["text"], str):
-            raise ValueError('"text" must be a string')
-        return Example(tuple(tokenizer.encode(record["text"])), 0)
-    raise ValueError('expected "text", "prompt"+"completion", or "messages"')
+    if not isinstance(record, Record):
+        record = to_record(record, Path("<record>"), 1, need_completion=True)
+    if record.kind == "text":
+        return Example(tuple(tokenizer.encode(record.text)), 0)
+    if record.completion is None:
+        raise RecordError(f"{record.where}: training needs a completion: give \"completion\" "
+                          f"or end \"messages\" with an \"assistant\" message",
+                          record.file, record.line)
+    templated = use_chat_template and has_chat_template(tokenizer)
+    if record.kind == "messages" and not templated:
+        raise RecordError(f'{record.where}: "messages" needs a tokenizer with a chat template: '
+                          f'use "prompt" + "completion" records', record.file, record.line)
+    prompt_text = record.prompt_text(tokenizer, ignore_chat_template=not templated)
+    head = encode_prompt(tokenizer, prompt_text)
+    if templated:
+        tail = _templated_completion(tokenizer, record, prompt_text)
+    else:
+        tail = list(tokenizer.encode(record.completion, add_special_tokens=False))
+    full = list(head) + list(tail)
+    return Example(tuple(full), min(len(head), len(full) - 1))
 
 
 def load_examples(path: str, tokenizer, split: str = "train",
                   use_chat_template: bool = True) -> List[Example]:
-    """Read and tokenize every line of the data files.
+    """Read and tokenize every record of the data files.
 
     Raises:
-        DataError: naming the file and line number of the first bad line.
+        DataError: (``RecordError``) naming the file and line number of the
+            first bad line, or no example of at least two tokens.
     """
     examples = []
-    for file in data_files(path, split):
-        with open(file, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    if not isinstance(record, dict):
-                        raise ValueError("each line must be a JSON object")
-                    example = encode_record(record, tokenizer, use_chat_template)
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise DataError(f"{file}:{number}: {exc}") from None
-                if len(example.tokens) >= 2:
-                    examples.append(example)
+    for record in read_records(path, split, need_completion=True):
+        try:
+            example = encode_record(record, tokenizer, use_chat_template)
+        except RecordError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{record.where}: {exc}", record.file, record.line) from None
+        if len(example.tokens) >= 2:
+            examples.append(example)
     if not examples:
-        raise DataError(f"no usable examples in {path}")
+        raise DataError(f"{path} holds no example of two or more tokens: give longer texts")
     return examples
 
 

@@ -1,46 +1,70 @@
 import CoreML
 import Foundation
 
-/// Greedy (`temperature == 0`) or sampling with temperature, top-k and top-p
-/// (`coreml/host.py`'s `Sampling`).
+/// Sampling settings with `verify.SamplingParams`' meaning (mlx-lm's):
+/// greedy when `temperature == 0`; `topP` filters only when 0 < topP < 1 (0 and 1
+/// are both off; 0 is stored as 1, as `SamplingParams` does); `minP` and `topK`
+/// filter when > 0 (`topK` >= the vocabulary keeps every token).
 public struct Sampling {
     public var temperature: Float = 0
     public var topK: Int = 0
     public var topP: Float = 1
+    public var minP: Float = 0
     public var seed: UInt64 = 0
 
-    public init(temperature: Float = 0, topK: Int = 0, topP: Float = 1, seed: UInt64 = 0) {
+    public init(temperature: Float = 0, topK: Int = 0, topP: Float = 1, minP: Float = 0, seed: UInt64 = 0) {
         self.temperature = temperature
         self.topK = topK
-        self.topP = topP
+        self.topP = topP == 0 ? 1 : topP  // the one "off" value
+        self.minP = minP
         self.seed = seed
     }
 
     public var greedy: Bool { temperature == 0 }
 
-    /// The target distribution of one row of logits.
+    /// What is out of range (`SamplingParams`' checks and messages), or nil.
+    public var problem: String? {
+        if !(temperature >= 0 && temperature.isFinite) { return "temperature must be a finite number >= 0, got \(temperature)" }
+        if !(topP >= 0 && topP <= 1) { return "top-p must be in [0, 1] (0 or 1: off), got \(topP)" }
+        if topK < 0 { return "top-k must be >= 0 (0: off), got \(topK)" }
+        if !(minP >= 0 && minP <= 1) { return "min-p must be in [0, 1] (0: off), got \(minP)" }
+        return nil
+    }
+
+    /// The target distribution of one row of logits: the steps of `verify.target_logits`
+    /// (mlx-lm's sampler) in its order, as `coreml/host.py`'s `target_probs`:
+    /// log-softmax, then top-p, then min-p, then top-k (filtered tokens get -inf),
+    /// then divide by the temperature and softmax.
     func probabilities(_ logits: [Float]) -> [Double] {
-        var x = logits.map { Double($0) / Double(temperature) }
+        let peak = Double(logits.max() ?? 0)
+        let logTotal = peak + log(logits.reduce(0.0) { $0 + exp(Double($1) - peak) })
+        var x = logits.map { Double($0) - logTotal }  // log-probabilities
+        if topP < 1 {
+            // Keep each token whose strictly better tokens hold less than topP of the mass.
+            let descending = x.sorted(by: >)
+            let limit = Double(topP) * descending.reduce(0.0) { $0 + exp($1) }
+            var above = 0.0  // mass of the better tokens
+            var threshold = descending[0]
+            for value in descending {
+                if above >= limit { break }
+                threshold = value
+                above += exp(value)
+            }
+            x = x.map { $0 < threshold ? -.infinity : $0 }
+        }
+        if minP > 0 {
+            // Drop tokens below minP times the best token's probability.
+            let cut = (x.max() ?? 0) + log(Double(minP))
+            x = x.map { $0 < cut ? -.infinity : $0 }
+        }
         if topK > 0, topK < x.count {
             let kth = x.sorted(by: >)[topK - 1]
             x = x.map { $0 < kth ? -.infinity : $0 }
         }
-        let top = x.max() ?? 0
-        var p = x.map { exp($0 - top) }
-        var total = p.reduce(0, +)
-        p = p.map { $0 / total }
-        if topP > 0, topP < 1 {
-            var before = 0.0  // mass of better tokens
-            var keep = Array(repeating: false, count: p.count)
-            for index in p.indices.sorted(by: { p[$0] > p[$1] }) {
-                keep[index] = before < Double(topP)
-                before += p[index]
-            }
-            p = p.indices.map { keep[$0] ? p[$0] : 0 }
-            total = p.reduce(0, +)
-            p = p.map { $0 / total }
-        }
-        return p
+        let best = x.max() ?? 0
+        let p = x.map { exp(($0 - best) / Double(temperature)) }
+        let total = p.reduce(0, +)
+        return p.map { $0 / total }
     }
 }
 

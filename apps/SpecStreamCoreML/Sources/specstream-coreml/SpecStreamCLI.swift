@@ -11,7 +11,8 @@ struct SpecStreamCLI {
         usage: specstream-coreml --model NAME.mlpackage -p PROMPT [options]
           -m, --max-tokens N      tokens to generate (default 256)
           --temp T                sampling temperature (default 0: greedy)
-          --top-k K, --top-p P    sampling filters (default off)
+          --top-p P, --min-p P, --top-k K
+                                  sampling filters, mlx-lm's meaning (default off)
           --seed S                sampling seed (default 0)
           --tree-size N           one of the package's tree sizes (default: its own)
           --tokenizer ID|DIR      Hugging Face repo id or local folder (default: the package's)
@@ -58,8 +59,10 @@ struct SpecStreamCLI {
         let temperature: Float = try number("--temp", 0)
         let topK: Int = try number("--top-k", 0)
         let topP: Float = try number("--top-p", 1)
+        let minP: Float = try number("--min-p", 0)
         let seed: UInt64 = try number("--seed", 0)
-        let sampling = Sampling(temperature: temperature, topK: topK, topP: topP, seed: seed)
+        let sampling = Sampling(temperature: temperature, topK: topK, topP: topP, minP: minP, seed: seed)
+        if let problem = sampling.problem { throw SpecStreamError.input(problem) }
         let treeSize: Int? = options["--tree-size"].flatMap { Int($0) }
 
         // Load: compile the package, read its metadata, reload if it suggests other compute units.
