@@ -164,7 +164,7 @@ def _subset_ce(hidden: mx.array, targets: np.ndarray, weight: mx.array, candidat
 
 
 class CachedLoss:
-    """Loss over cached main streams, for ``trainer.train``.
+    """Loss over cached main streams, for ``train.loop.train``.
 
     Args:
         model: the model (lossless mode).
