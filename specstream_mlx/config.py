@@ -161,6 +161,8 @@ class SpecStreamConfig:
         data = asdict(self)
         for tree in (data["tree"], *data["tree_by_backend"].values()):
             tree["widths"] = list(tree["widths"])
+            if tree["prune_max_keep"] is None:  # written only when set: files stay as before
+                del tree["prune_max_keep"]
         return data
 
     @classmethod
@@ -175,13 +177,10 @@ class SpecStreamConfig:
         unknown = set(data) - known
         if unknown:
             raise CheckpointError(f"{CONFIG_FILE} has unknown keys {sorted(unknown)}")
-        def tree_defaults(tree: dict) -> TreeSettings:
-            return TreeSettings(**tree)
-
         try:
             by_backend = data.get("tree_by_backend", {})
-            return cls(**{**data, "tree": tree_defaults(data.get("tree", {})),
-                          "tree_by_backend": {k: tree_defaults(v) for k, v in by_backend.items()}})
+            return cls(**{**data, "tree": TreeSettings(**data.get("tree", {})),
+                          "tree_by_backend": {k: TreeSettings(**v) for k, v in by_backend.items()}})
         except (TypeError, AttributeError, ValueError) as exc:
             raise CheckpointError(f"{CONFIG_FILE} is malformed: {exc}") from None
 
@@ -260,4 +259,5 @@ def tree_settings(
     default = config.default_tree(on or backend())
     nodes = max_nodes if max_nodes is not None else (None if widths else default.max_nodes)
     prune = prune_threshold if prune_threshold is not None else default.prune_threshold
-    return TreeSettings(tuple(widths or default.widths), nodes, prune).cut(config.gamma)
+    return TreeSettings(tuple(widths or default.widths), nodes, prune,
+                        default.prune_max_keep).cut(config.gamma)

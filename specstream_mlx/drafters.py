@@ -212,7 +212,7 @@ class PromptLookupDrafter:
 
 
 class StreamLookupDrafter:
-    """A ``decode.Drafter`` whose tree is the streams' tree plus a prompt-lookup chain.
+    """A ``Drafter`` whose tree is the streams' tree plus a prompt-lookup chain.
 
     Each step drafts the streams' tree (as ``StreamDrafter`` with ``tree``)
     and, when ``find_draft`` finds an earlier occurrence of the text's tail,

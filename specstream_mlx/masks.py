@@ -14,10 +14,13 @@ accepts them directly).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import mlx.core as mx
 import numpy as np
+
+if TYPE_CHECKING:
+    from .tree import Tree
 
 
 @dataclass(frozen=True, eq=False)

@@ -105,7 +105,10 @@ def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional
         example's score and generated text in file order (for paired
         comparisons, ``paired_difference``).
     """
-    score = {"rouge": rouge_l, "exact": exact_match}[metric]
+    scorers = {"rouge": rouge_l, "exact": exact_match}
+    if metric not in scorers:
+        raise ValueError(f"metric must be rouge or exact, got {metric!r}")
+    score = scorers[metric]
     pairs = _pairs(path, tokenizer, limit)
     scores, outputs, tps, speed = [], [], 0.0, _SpeedTally()
     for i, (prompt, reference) in enumerate(pairs, start=1):

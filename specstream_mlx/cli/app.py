@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -39,6 +38,15 @@ LIBRARY_NAMES = {
     "pld_max_ngram": "--pld-ngram",
     "pld_tokens": "--pld-tokens",
     "warmup_tokens": "--warmup-tokens",
+    "iters": "--iters",
+    "batch_size": "--batch-size",
+    "max_seq_len": "--max-seq-len",
+    "save_every": "--save-every",
+    "positions": "--positions",
+    "learning_rate": "--learning-rate",
+    "embedding_lr": "--embedding-lr",
+    "schedule": "--schedule",
+    "metric": "--metric",
 }
 
 #: Tree widths as options and messages spell them, e.g. ``3,2,1``.

@@ -59,14 +59,16 @@ def generate(
             raise UsageError("--lookup drafts tokens and --no-spec turns drafting off: give one of them")
         text = _read_prompt(prompt)
         widths = _parse_widths(tree_width)
-        from ..config import tree_settings
+        from ..config import TreeSettings, tree_settings
         from ..drafters import make_drafter
         from ..generate import format_stats, stream_generate
         from ..loading import load
         from ..prompts import format_prompt
         from ..verify import SamplingParams
 
-        sampling = SamplingParams(temp=temp, top_p=top_p, top_k=top_k)  # checked before the load
+        # The library's own checks, made before the load rather than after it.
+        sampling = SamplingParams(temp=temp, top_p=top_p, top_k=top_k)
+        TreeSettings(widths or TreeSettings().widths, max_nodes)
         ss_model, tokenizer = load(model_or_default(model))
         tree = tree_settings(ss_model.config, widths, max_nodes, prune_threshold)
         if verbose:

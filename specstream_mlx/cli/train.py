@@ -14,6 +14,7 @@ from .app import UsageError, _run, app
 
 @app.command()
 def train(
+    ctx: typer.Context,
     model: str = typer.Option(..., "--model", help="SS checkpoint, or a plain model (fresh streams)."),
     data: str = typer.Option(..., "--data", help="JSONL file or folder (train.jsonl)."),
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
@@ -66,10 +67,13 @@ def train(
     from ..train.loop import STATE_JSON, TrainConfig, train as run_train
 
     def run():
-        if positions is not None and positions < 1:
-            raise UsageError(f"--positions must be at least 1, got {positions}")
-        if embedding_lr is not None and embedding_lr <= 0:
-            raise UsageError(f"--embedding-lr must be positive, got {embedding_lr}")
+        # Checked before any loading; the loss weights follow the model's mode, below.
+        config = TrainConfig(
+            iters=iters, batch_size=batch_size, max_seq_len=max_seq_len,
+            learning_rate=learning_rate, embedding_lr=embedding_lr, warmup=warmup,
+            schedule=schedule, lora_rank=lora_rank, seed=seed, save_every=save_every,
+            positions=positions, val_every=val_every if val_data else 0,
+        )
         if out.exists() and not resume:
             raise UsageError(f"{out} exists: pass --resume to continue it, or choose another --out")
         if resume and not (out / STATE_JSON).is_file():
@@ -105,16 +109,10 @@ def train(
             main=main_weight if main_weight is not None else (1.0 if shared else 0.0),
             stream=stream_weight, early_exit=exit_weight,
         )
-        config = TrainConfig(
-            iters=iters, batch_size=batch_size, max_seq_len=max_seq_len,
-            learning_rate=learning_rate, embedding_lr=embedding_lr, warmup=warmup,
-            schedule=schedule, weights=weights,
-            lora_rank=lora_rank, seed=seed, save_every=save_every, positions=positions,
-            val_every=val_every if val_data else 0,
-        )
+        config.weights = weights
         figures = run_train(ss_model, examples, config, base_dir, out,
                             resume=out if resume else None, validate=validate, cached=use_cache,
                             extra_state={"fresh_streams": fresh})
         typer.echo(json.dumps(figures, indent=2))
 
-    _run(run)
+    _run(run, ctx)

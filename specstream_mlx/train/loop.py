@@ -56,6 +56,20 @@ class TrainConfig:
     val_prompts: int = 4
     val_max_tokens: int = 64
 
+    def __post_init__(self):
+        """Refuse settings that cannot train (``ValueError`` naming the setting)."""
+        for name in ("iters", "batch_size", "max_seq_len", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.positions is not None and self.positions < 1:
+            raise ValueError(f"positions must be at least 1, got {self.positions}")
+        for name in ("learning_rate", "embedding_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
+
 
 def make_trainable(model: SpecStreamModel, config: TrainConfig) -> None:
     """Freeze the base; unfreeze what the mode trains.
