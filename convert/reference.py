@@ -214,14 +214,14 @@ def _check_rope(cfg: dict) -> None:
         )
 
 
-def msa_mask(mask, stream_nodes, gamma: int, shared: bool):
+def msa_mask(mask, stream_nodes, gamma: int):
     """The multi-stream attention mask over main rows then stream rows.
 
     Args:
         mask: ``(L, L)`` bool visibility among main rows (causal, or a tree).
         stream_nodes: ``(S,)`` main rows that get ``gamma`` stream rows each;
             stream ``j`` of ``stream_nodes[s]`` is row ``L + s * gamma + j - 1``.
-        gamma: streams per node; shared: main rows also see their own streams.
+        gamma: streams per node. Main rows never see stream rows (either mode).
 
     Returns:
         ``(L + S*gamma, L + S*gamma)`` bool.
@@ -235,8 +235,6 @@ def msa_mask(mask, stream_nodes, gamma: int, shared: bool):
         lo = length + slot * gamma
         full[lo : lo + gamma, :length] = mask[node]
         full[lo : lo + gamma, lo : lo + gamma] = own
-        if shared:
-            full[node, lo : lo + gamma] = True
     return full
 
 
@@ -347,7 +345,7 @@ class SpecStreamReference(nn.Module):
             h = torch.cat([h, streams.reshape(count * self.gamma, -1)])
             offsets = torch.arange(1, self.gamma + 1)
             positions = torch.cat([positions, (positions[stream_nodes][:, None] + offsets).reshape(-1)])
-            mask = msa_mask(mask, stream_nodes, self.gamma, self.mode == "shared")
+            mask = msa_mask(mask, stream_nodes, self.gamma)
         h = self._layers(h, range(self.split, n_layers), positions, mask, n_main=length)
         h = self.base.model.norm(h)
         main = self.logits(h[:length])

@@ -52,8 +52,8 @@ def bench_one(nodes: int, prefix: int, gamma: int, heads: int, kv_heads: int, he
               dtype: str, repeats: int, window: Optional[int] = None) -> dict:
     """Timings (ms) of one configuration, plus the fused/reference max difference."""
     rows = _rows_of(nodes)
-    desc = describe(rows, gamma, False, True)
-    block = msa_block(rows, gamma, False)
+    desc = describe(rows, gamma, True)
+    block = msa_block(rows, gamma)
     positions = row_positions(rows, gamma, True)
     size = desc.size
     key = mx.random.key(0)

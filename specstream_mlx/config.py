@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Optional
 
-FORMAT_VERSION = 2  # 2: adapters scale with their row's RMS
+FORMAT_VERSION = 3  # 2: adapters scale with their row's RMS; 3: shared mode's main rows see no stream
+#: Older versions still read, and the modes they mean the same thing for.
+READABLE_VERSIONS = {2: ("lossless",)}
 CONFIG_FILE = "specstream.json"
 WEIGHTS_FILE = "specstream.safetensors"
 MODES = ("lossless", "shared")
@@ -101,7 +103,8 @@ class SpecStreamConfig:
         gamma: number of speculative streams (tree depth).
         stream_layers: ``Ns``, the top layers that run multi-stream attention.
         mode: ``"lossless"`` (main stream never sees streams: output is the
-            base model's) or ``"shared"`` (main rows see their own streams).
+            base model's) or ``"shared"`` (the base is fine-tuned too, with LoRA
+            and the main loss; the mask is the same: main rows never see streams).
         prune_rank: rank of the early-exit pruning adapter.
         stream_adapter_rank: rank of the residual adapters that act on stream
             rows only, one before each multi-stream layer (0: none).
@@ -168,11 +171,19 @@ class SpecStreamConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "SpecStreamConfig":
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version in READABLE_VERSIONS and data.get("mode", DEFAULT_MODE) not in READABLE_VERSIONS[version]:
+            raise CheckpointError(
+                f"{CONFIG_FILE} (format_version {version}) is a shared-mode checkpoint trained "
+                "with the old mask, where main rows attended their own streams; shared mode now "
+                "uses the paper's mask (main rows never see a stream), so its output would "
+                "change. Retrain it: `specstream-mlx train --mode shared ...`."
+            )
+        if version != FORMAT_VERSION and version not in READABLE_VERSIONS:
             raise CheckpointError(
                 f"{CONFIG_FILE} has format_version {version!r}; this specstream-mlx reads "
                 f"version {FORMAT_VERSION}. Upgrade specstream-mlx or re-create the checkpoint."
             )
+        data = {**data, "format_version": FORMAT_VERSION}  # an older lossless file means the same
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:

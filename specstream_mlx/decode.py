@@ -76,20 +76,19 @@ def _head(model: SpecStreamModel, out: ForwardOutput, depth: int):
     return both[: main.shape[0]], both[main.shape[0] :].reshape(streams.shape[0], depth, -1)
 
 
-def _prefill(model, prompt, cache, step_size, shared, speculative,
+def _prefill(model, prompt, cache, step_size, speculative,
              streams: Optional[int] = None) -> ForwardOutput:
-    """Run the prompt in chunks, committing each; return the last chunk's output."""
+    """Run the prompt in chunks, committing each; return the last chunk's output.
+
+    Only the last prompt position runs stream rows (its streams draft the first
+    tree), and only when the drafter reads streams: no main row sees a stream.
+    """
     n = len(prompt)
     start = 0
     while True:
         end = min(n, start + step_size)
         size = end - start
-        if shared:
-            nodes = np.arange(size)
-        elif speculative and end == n:
-            nodes = np.array([size - 1])
-        else:
-            nodes = None
+        nodes = np.array([size - 1]) if speculative and end == n else None
         out = forward(model, mx.array(prompt[start:end]), chain_rows(size, nodes), cache,
                       streams=streams)
         commit(cache, np.arange(size), None, model.num_layers)
@@ -133,15 +132,13 @@ def decode(
         )
     if drafter is None:
         drafter = make_drafter(model)
-    shared = model.config.shared
 
     cache = make_cache(model.num_layers)
     history = list(prompt)
-    # A drafter reads streams 1..stream_logits_depth; in lossless mode no main row
-    # sees a stream, so the forwards run only those (``forward``'s ``streams``).
-    streams = None if shared else max(drafter.stream_logits_depth, 1)
-    out = _prefill(model, history, cache, prefill_step_size, shared, drafter.uses_streams,
-                   streams)
+    # A drafter reads streams 1..stream_logits_depth; no main row sees a stream,
+    # so the forwards run only those (``forward``'s ``streams``).
+    streams = max(drafter.stream_logits_depth, 1)
+    out = _prefill(model, history, cache, prefill_step_size, drafter.uses_streams, streams)
     root = _choose(logits(model, out.main_hidden[-1]), sampling)
     drafter.observe(out, out.main_hidden.shape[0] - 1)
     mx.eval(root)

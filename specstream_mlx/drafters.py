@@ -127,9 +127,7 @@ class PlainDrafter:
     stream_logits_depth = 0
 
     def __init__(self, model: SpecStreamModel) -> None:
-        shared = model.config.shared  # main rows see their own streams
-        self.draft = Draft(build_tree(()), chain_rows(1, [0] if shared else None),
-                           mx.zeros((0,), mx.int32))
+        self.draft = Draft(build_tree(()), chain_rows(1), mx.zeros((0,), mx.int32))
 
     def propose(self, history: List[int], budget: int) -> Draft:
         return self.draft
@@ -182,8 +180,7 @@ class PromptLookupDrafter:
     """A ``Drafter`` that proposes a chain from ``find_draft``.
 
     Args:
-        model: the model (its mode decides whether rows need stream rows:
-            in shared mode main rows see their own streams, so they run).
+        model: the model (unused: a lookup chain runs no stream rows).
         max_ngram, min_ngram, num_tokens: as in ``find_draft``.
     """
 
@@ -194,7 +191,6 @@ class PromptLookupDrafter:
         find_draft([], max_ngram, min_ngram, num_tokens)  # validates the sizes
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.max_depth = num_tokens
-        self.shared = model.config.shared
 
     def chain(self, history: List[int], budget: int) -> List[int]:
         """The lookup draft for the next step, within ``budget`` (tokens still wanted)."""
@@ -204,7 +200,7 @@ class PromptLookupDrafter:
     def propose(self, history: List[int], budget: int) -> Draft:
         drafts = self.chain(history, budget)
         size = len(drafts) + 1
-        rows = chain_rows(size, np.arange(size) if self.shared else None)
+        rows = chain_rows(size)
         return Draft(chain_tree(len(drafts)), rows, mx.array(np.array(drafts, dtype=np.int32)))
 
     def observe(self, out, node: int, stream_logits=None) -> None:

@@ -116,26 +116,25 @@ def forward(
         tree: the draft tree's topology (``rows`` must be its rows), needed
             only for pruning.
         prune: pruning settings, or ``None``.
-        streams: run only streams ``1..streams`` of each stream node (lossless
-            mode only; default: all ``gamma``). Exact: stream ``j`` sees streams
-            ``1..j`` of its node and main rows only, and in lossless mode no main
-            row sees a stream, so dropping the deeper streams changes nothing
-            else. A tree of depth ``d < gamma`` needs just ``d``.
+        streams: run only streams ``1..streams`` of each stream node (default:
+            all ``gamma``). Exact: stream ``j`` sees streams ``1..j`` of its
+            node and main rows only, and no main row sees a stream (in either
+            mode), so dropping the deeper streams changes nothing else. A tree
+            of depth ``d < gamma`` needs just ``d``.
 
     Returns:
         A ``ForwardOutput``.
     """
     config = model.config
     gamma, split = config.gamma, model.first_stream_layer
-    shared = config.shared
     if streams is not None:
-        assert 1 <= streams <= gamma and (streams == gamma or not shared), streams
+        assert 1 <= streams <= gamma, streams
         gamma = streams
 
     h = embed(model.family, model.base, tokens[None])  # (1, M, H)
     h = run_layers(
         model, h, range(split), rows.ancestors, rows.depth, rows.is_chain, cache,
-        tree_desc=partial(describe, rows, gamma, shared, False),
+        tree_desc=partial(describe, rows, gamma, False),
     )
 
     kept = None
@@ -161,12 +160,12 @@ def forward(
         table = model.stream_embeddings[:gamma].astype(h.dtype)  # (gamma, H)
         stream_rows = h[:, mx.array(rows.stream_nodes)][:, :, None, :] + table  # (1, S, gamma, H)
         h = mx.concatenate([h, stream_rows.reshape(1, n_stream * gamma, -1)], axis=1)
-        block = msa_block(rows, gamma, shared)
+        block = msa_block(rows, gamma)
         positions = row_positions(rows, gamma, with_streams=True)
         is_chain = False
     else:
         block, positions, is_chain = rows.ancestors, rows.depth, rows.is_chain
-    tree_desc = partial(describe, rows, gamma, shared, n_stream > 0)
+    tree_desc = partial(describe, rows, gamma, n_stream > 0)
     h = run_layers(model, h, range(split, model.num_layers), block, positions, is_chain, cache,
                     n_main=n_main if n_stream else None, tree_desc=tree_desc)
     h = model.base.model.norm(h[0])  # (M' + S*gamma, H)

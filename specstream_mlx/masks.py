@@ -57,11 +57,12 @@ def chain_rows(n: int, stream_nodes: Optional[np.ndarray] = None) -> Rows:
     )
 
 
-def msa_block(rows: Rows, gamma: int, shared: bool) -> np.ndarray:
+def msa_block(rows: Rows, gamma: int) -> np.ndarray:
     """Visibility among the rows of a multi-stream layer, cache excluded.
 
-    * main ``i`` sees main ``k`` iff ``k`` is ``i`` or an ancestor of ``i``;
-      in shared mode it also sees its own stream rows ``(i, 1..gamma)``;
+    * main ``i`` sees main ``k`` iff ``k`` is ``i`` or an ancestor of ``i``,
+      and never a stream row: the main stream is ordinary causal attention
+      in both modes (the paper's MSA), so a stream changes no main logit;
     * stream ``(i, j)`` sees the main rows ``i`` sees, and streams ``(i, 1..j)``.
 
     Returns:
@@ -76,8 +77,6 @@ def msa_block(rows: Rows, gamma: int, shared: bool) -> np.ndarray:
         lo = m + slot * gamma
         block[lo : lo + gamma, :m] = rows.ancestors[node]
         block[lo : lo + gamma, lo : lo + gamma] = own
-        if shared:
-            block[node, lo : lo + gamma] = True
     return block
 
 

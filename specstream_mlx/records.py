@@ -9,6 +9,10 @@ Each non-blank line of a file is one JSON object of one of these kinds (as in
 * ``{"text": "..."}``: plain text (training: loss on every token; bench: the
   prompt; eval: refused, it has no reference).
 
+A ``prompt`` or ``messages`` record may also carry ``"references"``: a
+non-empty list of strings, every acceptable reply (eval scores the best of
+them; training and bench use only the completion, conventionally the first).
+
 The completion rule (the same for training, bench and eval):
 
     A ``messages`` record whose last message has role ``"assistant"`` (and
@@ -63,6 +67,7 @@ class Record:
         completion: the completion (trailing assistant message or
             ``"completion"``), or ``None`` when the record has none.
         text: the text of a ``text`` record, else ``None``.
+        references: the record's ``"references"`` list, else ``None``.
     """
 
     file: Path
@@ -71,6 +76,7 @@ class Record:
     messages: Optional[List[Dict[str, str]]] = None
     completion: Optional[str] = None
     text: Optional[str] = None
+    references: Optional[List[str]] = None
 
     @property
     def where(self) -> str:
@@ -174,6 +180,15 @@ def to_record(record, file: Path, number: int, need_completion: bool = False,
 
     if not isinstance(record, dict):
         raise fail(f"expected a JSON object, got {type(record).__name__}: write {KINDS_HINT}")
+    references = record.get("references")
+    if references is not None and ("messages" in record or "prompt" in record):
+        if not isinstance(references, list) or not references or not all(
+                isinstance(r, str) for r in references):
+            raise fail('"references" must be a non-empty list of strings (every acceptable '
+                       'reply)')
+        references = list(references)
+    else:
+        references = None
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages or not all(
@@ -191,7 +206,8 @@ def to_record(record, file: Path, number: int, need_completion: bool = False,
         elif need_completion:
             raise fail(f'"messages" ends with a "{messages[-1]["role"]}" message: add the '
                        f'expected reply as a last "assistant" message')
-        return Record(file, number, "messages", messages=messages, completion=completion)
+        return Record(file, number, "messages", messages=messages, completion=completion,
+                      references=references)
     if "prompt" in record:
         prompt, completion = record["prompt"], record.get("completion")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -201,7 +217,7 @@ def to_record(record, file: Path, number: int, need_completion: bool = False,
         if completion is not None and not isinstance(completion, str):
             raise fail(f'"completion" must be a string, got {type(completion).__name__}')
         return Record(file, number, "prompt", messages=[{"role": "user", "content": prompt}],
-                      completion=completion)
+                      completion=completion, references=references)
     if "text" in record and allow_text:
         if not isinstance(record["text"], str) or not record["text"].strip():
             raise fail('"text" must be a non-empty string')

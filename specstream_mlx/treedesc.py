@@ -13,8 +13,7 @@ forward's row order (main rows, then ``gamma`` stream rows per stream node):
   prefix key ``t`` sits at ``t``, new row ``c`` at ``offset + table[c, 0]``);
 * ``[1], [2]`` a range ``[start, start + length)`` of *stream* rows the row
   sees: stream ``(s, j)`` sees ``(s, 1..j)``, i.e. start ``M + s * gamma``,
-  length ``j``; in shared mode main row ``i`` sees its own ``gamma`` streams;
-  otherwise length 0;
+  length ``j``; a main row sees no stream (length 0);
 * ``[3 : 3 + W]`` bitmask over the ``M`` main rows (bit ``c & 31`` of word
   ``c >> 5``): ancestors-or-self of the row's node.
 
@@ -81,19 +80,18 @@ def unpack_bits(words: np.ndarray, m: int) -> np.ndarray:
     return bits.reshape(words.shape[0], -1)[:, :m].astype(bool)
 
 
-def describe(rows: Rows, gamma: int, shared: bool, with_streams: bool) -> TreeDesc:
+def describe(rows: Rows, gamma: int, with_streams: bool) -> TreeDesc:
     """The compact description of a forward's rows (pure function of ``rows``).
 
     Args:
         rows: structure of the main rows.
         gamma: streams per stream node.
-        shared: shared mode (main rows also see their own streams).
         with_streams: the layer group carries stream rows (multi-stream
             layers); otherwise only the ``M`` main rows exist.
 
     Returns:
         A ``TreeDesc`` whose decoded block equals ``masks.msa_block(rows,
-        gamma, shared)`` (``with_streams``) or ``rows.ancestors``, and whose
+        gamma)`` (``with_streams``) or ``rows.ancestors``, and whose
         positions equal ``masks.row_positions(rows, gamma, with_streams)``.
     """
     m = rows.size
@@ -115,9 +113,6 @@ def describe(rows: Rows, gamma: int, shared: bool, with_streams: bool) -> TreeDe
         table[stream_rows, WORDS:] = np.repeat(main_words[nodes], gamma, axis=0)
         table[stream_rows, STREAM_START] = np.repeat(starts, gamma)
         table[stream_rows, STREAM_LEN] = np.tile(np.arange(1, gamma + 1), s)
-        if shared:
-            table[nodes, STREAM_START] = starts
-            table[nodes, STREAM_LEN] = gamma
     return TreeDesc(table=table, n_main=m, is_chain=bool(rows.is_chain) and s == 0)
 
 

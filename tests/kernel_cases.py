@@ -58,7 +58,6 @@ class Case:
     kv_heads: int = 1
     gamma: int = 3
     streams: str = "all"  # all | some | none
-    shared: bool = False
     window: Optional[int] = None
     shuffle: bool = False
     simd_groups: int = 1
@@ -85,8 +84,8 @@ class Case:
     def problem(self):
         """(q, k_buf, v_buf, desc, dense mask) with NaN in the unused buffer rows."""
         rows, with_streams = self.rows()
-        desc = describe(rows, self.gamma, self.shared, with_streams)
-        block = msa_block(rows, self.gamma, self.shared) if with_streams else rows.ancestors
+        desc = describe(rows, self.gamma, with_streams)
+        block = msa_block(rows, self.gamma) if with_streams else rows.ancestors
         positions = row_positions(rows, self.gamma, with_streams)
         mask = build_mask(block, self.prefix, positions, self.window, False)
         size = desc.size
@@ -141,7 +140,7 @@ def _grid_cases() -> list:
             cases.append(Case(
                 name=f"{dtype}-d{dim}", dtype=dtype, head_dim=dim, nodes=2 + (i * 5) % 9,
                 prefix=(0, 1, 37, 70)[i % 4], group=(1, 2, 4)[i % 3], kv_heads=1 + i % 2,
-                gamma=1 + i % 4, streams=("all", "some", "none")[i % 3], shared=i % 2 == 1,
+                gamma=1 + i % 4, streams=("all", "some", "none")[i % 3],
                 window=(None, None, 24)[i % 3], shuffle=i % 2 == 0,
                 simd_groups=nsimd, slots=sps, seed=100 + i,
             ))
@@ -153,12 +152,12 @@ GRID_CASES = _grid_cases()
 EDGE_CASES = [
     Case("prefix0", "float32", 64, nodes=6, prefix=0, group=2, shuffle=True, simd_groups=2),
     Case("one-node", "float32", 64, nodes=1, prefix=9, group=2, streams="none"),
-    Case("one-node-streams", "float16", 128, nodes=1, prefix=40, group=1, gamma=4, shared=True),
+    Case("one-node-streams", "float16", 128, nodes=1, prefix=40, group=1, gamma=4),
     Case("one-node-prefix0", "bfloat16", 64, nodes=1, prefix=0, group=4, streams="none"),
     Case("not-depth-order", "float32", 96, nodes=12, prefix=20, group=2, shuffle=True,
          streams="some", simd_groups=2, slots=2, seed=7),
     Case("window-bites", "float32", 64, nodes=7, prefix=50, group=2, window=5, shuffle=True,
-         shared=True, simd_groups=2),
+         simd_groups=2),
     Case("gqa8", "float16", 64, nodes=5, prefix=45, group=8, kv_heads=2, slots=4, seed=3),
     Case("two-words", "float32", 64, nodes=40, prefix=3, group=1, streams="some", gamma=2,
          simd_groups=2, seed=11),

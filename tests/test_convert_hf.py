@@ -131,13 +131,11 @@ def test_reference_matches_mlx_forward(tmp_path, family, mode):
     tokens = random_prompt(tree.size, seed=6)
     out = forward(model, mx.array(tokens), tree_rows(tree), cache)
     positions, mask = _tree_inputs(12, tree)
-    # In shared mode the cached prompt rows saw their own streams: so do they here.
-    first = 0 if mode == "shared" else 12
-    rows = torch.arange(first, 12 + tree.size)
+    rows = torch.arange(12, 12 + tree.size)  # the tree's nodes carry streams (either mode)
     with torch.no_grad():
         main, stream, _ = ref(torch.tensor(prompt + tokens), positions, mask, stream_nodes=rows)
     np.testing.assert_allclose(np.array(logits(model, out.main_hidden)), main[12:].numpy(), atol=ATOL, rtol=0)
-    np.testing.assert_allclose(np.array(logits(model, out.stream_hidden)), stream[12 - first:].numpy(),
+    np.testing.assert_allclose(np.array(logits(model, out.stream_hidden)), stream.numpy(),
                                atol=ATOL, rtol=0)
 
     if mode == "lossless":  # the reference's main rows are the base model's (transformers)

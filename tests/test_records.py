@@ -221,3 +221,35 @@ def test_error_types_keep_old_callers_working():
     assert DataError is RecordError and issubclass(RecordError, ValueError)
     assert issubclass(PromptFileError, BenchError) and issubclass(PromptFileError, RecordError)
     assert not issubclass(BenchError, RecordError)  # bench's option errors name no file
+
+
+def test_references_are_read_for_eval_and_checked(tmp_path, tokenizer):
+    from specstream_mlx.bench.evaluate import _examples
+
+    path = _write(tmp_path / "refs.jsonl",
+                  '{"prompt": "hi there", "completion": "one", "references": ["one", "two"]}\n'
+                  '{"prompt": "hi there", "completion": "alone"}\n'
+                  '{"messages": [{"role": "user", "content": "hi there"}, '
+                  '{"role": "assistant", "content": "x"}], "references": ["x", "y", "z"]}\n')
+    multi, single, chat = read_records(path, need_completion=True)
+    assert multi.references == ["one", "two"] and multi.completion == "one"
+    assert single.references is None
+    assert chat.references == ["x", "y", "z"] and chat.completion == "x"
+    # eval scores against every reference; training and bench keep the completion
+    assert _examples(path, tokenizer, None) == [
+        ("<user>hi there\n<assistant>", ["one", "two"]),
+        ("<user>hi there\n<assistant>", ["alone"]),
+        ("<user>hi there\n<assistant>", ["x", "y", "z"])]
+    assert [ref for _, ref in _pairs(path, tokenizer, None)] == ["one", "alone", "x"]
+    assert [r.completion for r in read_records(path)] == ["one", "alone", "x"]
+
+
+@pytest.mark.parametrize("references", ['[]', '"one"', '["one", 2]', '{"a": "b"}'])
+def test_bad_references_name_file_and_line(tmp_path, references):
+    path = _write(tmp_path / "bad.jsonl",
+                  '{"prompt": "a", "completion": "b"}\n'
+                  f'{{"prompt": "a", "completion": "b", "references": {references}}}\n')
+    with pytest.raises(RecordError) as info:
+        read_records(path)
+    assert str(info.value).startswith(f"{path}:2: \"references\" must be a non-empty list")
+    assert info.value.line == 2

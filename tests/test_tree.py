@@ -87,24 +87,22 @@ def test_subtree_reindexes_parents():
     np.testing.assert_array_equal(sub.mask, np.tril(np.ones((3, 3), dtype=bool)))
 
 
-def test_msa_block_lossless_and_shared():
+def test_msa_block_chain():
+    """Main rows see main rows only (both modes); stream (1, j) sees main 0..1 and (1, 1..j)."""
     rows = chain_rows(2, stream_nodes=np.array([1]))
-    lossless = np.array([
+    expected = np.array([
         [1, 0, 0, 0],
         [1, 1, 0, 0],
         [1, 1, 1, 0],
         [1, 1, 1, 1],
     ], dtype=bool)
-    np.testing.assert_array_equal(msa_block(rows, gamma=2, shared=False), lossless)
-    shared = lossless.copy()
-    shared[1, 2:] = True
-    np.testing.assert_array_equal(msa_block(rows, gamma=2, shared=True), shared)
+    np.testing.assert_array_equal(msa_block(rows, gamma=2), expected)
 
 
 def test_msa_block_tree():
     tree = build_tree((2,))  # root with two children
     rows = Rows(tree.depth, tree.mask, np.arange(3))
-    block = msa_block(rows, gamma=1, shared=False)
+    block = msa_block(rows, gamma=1)
     # rows 0..2 main, 3..5 the single stream of nodes 0..2
     expected = np.array([
         [1, 0, 0, 0, 0, 0],

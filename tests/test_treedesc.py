@@ -36,31 +36,26 @@ def as_array(mask, size: int, offset: int) -> np.ndarray:
 
 def test_literal_table_lossless():
     rows = tree_rows(PARENTS, np.array([1, 3]))
-    desc = describe(rows, gamma=2, shared=False, with_streams=True)
+    desc = describe(rows, gamma=2, with_streams=True)
     assert desc.table.dtype == np.uint32 and desc.n_main == 4
     assert desc.table.tolist() == LOSSLESS_TABLE
 
 
-def test_literal_table_shared_and_without_streams():
+def test_literal_table_without_streams():
     rows = tree_rows(PARENTS, np.array([1, 3]))
-    shared = describe(rows, gamma=2, shared=True, with_streams=True).table.tolist()
-    expected = [list(r) for r in LOSSLESS_TABLE]
-    expected[1][1:3] = [4, 2]  # main row 1 sees its own streams (rows 4, 5)
-    expected[3][1:3] = [6, 2]
-    assert shared == expected
-    lower = describe(rows, gamma=2, shared=True, with_streams=False)
+    lower = describe(rows, gamma=2, with_streams=False)
     assert lower.table.tolist() == [r[:1] + [0, 0] + r[3:] for r in LOSSLESS_TABLE[:4]]
 
 
 def test_literal_dense_mask_with_window():
     rows = tree_rows(PARENTS, np.array([1, 3]))
-    desc = describe(rows, gamma=2, shared=False, with_streams=True)
+    desc = describe(rows, gamma=2, with_streams=True)
     full = dense_mask(desc, offset=2, window=None)
     assert full[4].astype(int).tolist() == [1, 1, 1, 1, 0, 0, 1, 0, 0, 0]
     windowed = dense_mask(desc, offset=2, window=3)
     # Row 7 sits at 6: keys at positions > 3 only -> node 3 (4), streams 6 (5) and 7 (6).
     assert windowed[7].astype(int).tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 1, 1]
-    block = msa_block(rows, 2, False)
+    block = msa_block(rows, 2)
     positions = row_positions(rows, 2, True)
     assert np.array_equal(windowed, np.array(build_mask(block, 2, positions, 3)))
 
@@ -82,10 +77,9 @@ def test_random_trees_reproduce_msa_block_and_build_mask(seed):
     pick = rng.random(nodes) < 0.6
     rows = tree_rows(parents, np.nonzero(pick)[0])
     gamma = int(rng.integers(1, 5))
-    shared = bool(rng.integers(0, 2))
     with_streams = bool(pick.any()) and seed % 5 != 0
-    desc = describe(rows, gamma, shared, with_streams)
-    block = msa_block(rows, gamma, shared) if with_streams else rows.ancestors
+    desc = describe(rows, gamma, with_streams)
+    block = msa_block(rows, gamma) if with_streams else rows.ancestors
     positions = row_positions(rows, gamma, with_streams)
     assert np.array_equal(visibility_block(desc), block)
     assert np.array_equal(desc.positions, positions)
@@ -100,29 +94,28 @@ def test_random_trees_reproduce_msa_block_and_build_mask(seed):
 def test_chain_rows(n, streams):
     rows = chain_rows(n, None if streams is None else np.array(streams))
     with_streams = streams is not None
-    for shared in (False, True):
-        desc = describe(rows, 3, shared, with_streams)
-        assert desc.is_chain == (not with_streams)
-        block = msa_block(rows, 3, shared) if with_streams else rows.ancestors
-        positions = row_positions(rows, 3, with_streams)
-        for offset, window in ((0, None), (7, None), (7, 4)):
-            dense = build_mask(block, offset, positions, window, desc.is_chain)
-            assert np.array_equal(dense_mask(desc, offset, window),
-                                  as_array(dense, desc.size, offset))
+    desc = describe(rows, 3, with_streams)
+    assert desc.is_chain == (not with_streams)
+    block = msa_block(rows, 3) if with_streams else rows.ancestors
+    positions = row_positions(rows, 3, with_streams)
+    for offset, window in ((0, None), (7, None), (7, 4)):
+        dense = build_mask(block, offset, positions, window, desc.is_chain)
+        assert np.array_equal(dense_mask(desc, offset, window),
+                              as_array(dense, desc.size, offset))
 
 
 def test_bad_stream_nodes_are_rejected():
     rows = tree_rows(PARENTS, np.array([1, 1]))
     with pytest.raises(ValueError, match="distinct"):
-        describe(rows, 2, False, True)
+        describe(rows, 2, True)
     rows = tree_rows(PARENTS, np.array([4]))
     with pytest.raises(ValueError, match="out of range"):
-        describe(rows, 2, False, True)
+        describe(rows, 2, True)
 
 
 def test_table_is_small_compared_with_the_dense_mask():
     """40 nodes x 4 rows, 2048-token prefix: the table is a tiny fraction of the mask."""
     rows = tree_rows(random_parents(40, np.random.default_rng(1), False), np.arange(40))
-    desc = describe(rows, 3, False, True)
+    desc = describe(rows, 3, True)
     assert desc.table.nbytes * 100 < desc.size * (2048 + desc.size)
     assert isinstance(mx.array(desc.table), mx.array)

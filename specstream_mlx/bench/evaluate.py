@@ -1,7 +1,11 @@
 """Task quality and speed of a model on a JSONL set (the paper judges both).
 
-Quality: ROUGE-L F1 for free text (summaries), exact match after whitespace
-and case normalisation for SQL. Speed: tokens per forward of greedy decoding.
+Quality, as in the paper: ROUGE-1 and ROUGE-L F1 for free text (DialogSum
+summaries, E2E descriptions), the best over a record's ``references`` when it
+has several; exact match after whitespace and case normalisation for SQL.
+Execution match (running both queries and comparing the rows) is not
+measured: only the Spider schemas (tables.json) are shipped, not the
+databases' contents. Speed: tokens per forward of greedy decoding.
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ from __future__ import annotations
 import math
 import re
 import sys
-from typing import List, Optional, Sequence
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..drafters import Drafter
 from ..generate import stream_generate
@@ -17,7 +22,28 @@ from ..records import read_records
 
 
 def _words(text: str) -> List[str]:
+    """Tokens as ``rouge_score``'s default tokenizer makes them (no stemming).
+
+    Lower-cased runs of ASCII letters and digits; everything else separates
+    tokens and is dropped.
+    """
     return re.findall(r"\w+", text.lower())
+
+
+def _f1(overlap: int, candidate_len: int, reference_len: int) -> float:
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / candidate_len, overlap / reference_len
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_1(candidate: str, reference: str) -> float:
+    """ROUGE-1 F1 between two texts (overlap of word counts, clipped)."""
+    a, b = _words(candidate), _words(reference)
+    if not a or not b:
+        return 0.0
+    overlap = sum((Counter(a) & Counter(b)).values())
+    return _f1(overlap, len(a), len(b))
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -31,11 +57,7 @@ def rouge_l(candidate: str, reference: str) -> float:
         for j, y in enumerate(b):
             row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
         prev = row
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
+    return _f1(prev[-1], len(a), len(b))
 
 
 def normalise_sql(sql: str) -> str:
@@ -44,7 +66,27 @@ def normalise_sql(sql: str) -> str:
 
 
 def exact_match(candidate: str, reference: str) -> float:
+    """1.0 if the queries are equal after ``normalise_sql`` (whitespace, case, ``;``), else 0.0."""
     return float(normalise_sql(candidate) == normalise_sql(reference))
+
+
+Scorer = Callable[[str, str], float]
+
+#: ``--metric`` names -> per-reference scorers. ``rouge`` is ROUGE-L (the old name).
+METRICS: Dict[str, Scorer] = {"rouge": rouge_l, "rougeL": rouge_l, "rouge1": rouge_1,
+                              "exact": exact_match}
+#: Metrics that also report both ROUGE figures.
+ROUGE_METRICS = ("rouge", "rougeL", "rouge1")
+
+
+def best_score(score: Scorer, candidate: str, references: Sequence[str]) -> float:
+    """The best ``score(candidate, reference)`` over the references (multi-reference ROUGE)."""
+    return max(score(candidate, reference) for reference in references)
+
+
+def _same_metric(first: Optional[str], second: Optional[str]) -> bool:
+    canonical = {"rouge": "rougeL"}
+    return canonical.get(first, first) == canonical.get(second, second)
 
 
 def _pairs(path: str, tokenizer, limit: Optional[int]):
@@ -59,6 +101,17 @@ def _pairs(path: str, tokenizer, limit: Optional[int]):
     """
     records = read_records(path, limit=limit or None, need_completion=True, allow_text=False)
     return [(record.prompt_text(tokenizer), record.completion) for record in records]
+
+
+def _examples(path: str, tokenizer, limit: Optional[int]) -> List[Tuple[str, List[str]]]:
+    """(formatted prompt, references) of each record, as ``_pairs``.
+
+    The references are the record's ``"references"`` list when it has one,
+    else its completion alone.
+    """
+    records = read_records(path, limit=limit or None, need_completion=True, allow_text=False)
+    return [(record.prompt_text(tokenizer), record.references or [record.completion])
+            for record in records]
 
 
 class _SpeedTally:
@@ -89,8 +142,15 @@ def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional
 
     Args:
         model, tokenizer: from ``load``.
-        path: JSONL with prompt/completion or messages records.
-        metric: ``"rouge"`` (ROUGE-L F1) or ``"exact"`` (SQL exact match).
+        path: JSONL with prompt/completion or messages records; a record's
+            ``"references"`` list (several acceptable replies) replaces its
+            completion as the reference set, and each score is the best over
+            the references.
+        metric: ``"rougeL"`` (ROUGE-L F1; ``"rouge"`` is the same), ``"rouge1"``
+            (ROUGE-1 F1) or ``"exact"`` (SQL exact match after whitespace and
+            case normalisation, ``normalise_sql``). There is no SQL execution
+            match: it needs the databases' contents, and only their schemas
+            (Spider's tables.json) are shipped.
         limit: only the first ``limit`` examples.
         max_tokens: generation budget per example.
         drafter: from ``drafters.make_drafter`` (default: the checkpoint's
@@ -102,38 +162,55 @@ def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional
         ``{"examples", "quality", "quality_stderr", "metric", "tokens_per_forward",
         "generation_tps", "acceptance_by_depth", "scores", "outputs"}``: averages
         over the examples, the standard error of the mean quality, and each
-        example's score and generated text in file order (for paired
-        comparisons, ``paired_difference``).
+        example's score (of ``metric``) and generated text in file order (for
+        paired comparisons, ``paired_difference``). With a ROUGE metric also
+        ``"rouge1"`` and ``"rougeL"``: the mean of each (``quality`` is the
+        chosen one).
+
+    Raises:
+        ValueError: an unknown metric.
+        RecordError: missing or empty file, or a bad line.
     """
-    scorers = {"rouge": rouge_l, "exact": exact_match}
-    if metric not in scorers:
-        raise ValueError(f"metric must be rouge or exact, got {metric!r}")
-    score = scorers[metric]
-    pairs = _pairs(path, tokenizer, limit)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    score = METRICS[metric]
+    both = metric in ROUGE_METRICS
+    examples = _examples(path, tokenizer, limit)
     scores, outputs, tps, speed = [], [], 0.0, _SpeedTally()
-    for i, (prompt, reference) in enumerate(pairs, start=1):
+    rouge: Dict[str, List[float]] = {"rouge1": [], "rougeL": []}
+    for i, (prompt, references) in enumerate(examples, start=1):
         text, last = "", None
         for last in stream_generate(model, tokenizer, prompt, max_tokens, drafter=drafter):
             text += last.text
-        scores.append(score(text, reference))
+        if both:
+            rouge["rouge1"].append(best_score(rouge_1, text, references))
+            rouge["rougeL"].append(best_score(rouge_l, text, references))
+            scores.append(rouge["rouge1" if metric == "rouge1" else "rougeL"][-1])
+        else:
+            scores.append(best_score(score, text, references))
         outputs.append(text)
         tps += last.generation_tps
         speed.add(last)
-        print(f"\r[eval] {i}/{len(pairs)} {metric}={sum(scores) / i:.3f} "
+        print(f"\r[eval] {i}/{len(examples)} {metric}={sum(scores) / i:.3f} "
               f"tokens/forward={speed.tokens_per_forward:.2f}", file=sys.stderr, end="", flush=True)
     print(file=sys.stderr)
     mean, stderr = _mean_and_stderr(scores)
-    return {
-        "examples": len(pairs),
+    figures = {
+        "examples": len(examples),
         "metric": metric,
         "quality": mean,
         "quality_stderr": stderr,
+    }
+    if both:
+        figures.update({name: sum(values) / len(values) for name, values in rouge.items()})
+    figures.update({
         "tokens_per_forward": speed.tokens_per_forward,
-        "generation_tps": tps / len(pairs),
+        "generation_tps": tps / len(examples),
         "acceptance_by_depth": speed.acceptance_by_depth,
         "scores": scores,
         "outputs": outputs,
-    }
+    })
+    return figures
 
 
 def _mean_and_stderr(values: Sequence[float]) -> tuple:
@@ -149,8 +226,9 @@ def paired_difference(first: dict, second: dict) -> dict:
     """Mean per-example quality difference ``first - second`` and its standard error.
 
     Both results must come from ``evaluate`` on the same examples (same file
-    and ``--num``): pairing removes the spread between examples, which is much
-    larger than the spread between two fine-tunes of one model.
+    and ``--num``) with the same metric (``rouge`` and ``rougeL`` are one):
+    pairing removes the spread between examples, which is much larger than
+    the spread between two fine-tunes of one model.
 
     Raises:
         ValueError: the results lack per-example scores or cover different sets.
@@ -160,7 +238,7 @@ def paired_difference(first: dict, second: dict) -> dict:
         raise ValueError("per-example scores missing: rerun `specstream-mlx eval` (it stores them)")
     if not a:
         raise ValueError("no per-example scores to compare")
-    if len(a) != len(b) or first.get("metric") != second.get("metric"):
+    if len(a) != len(b) or not _same_metric(first.get("metric"), second.get("metric")):
         raise ValueError(f"not the same examples: {len(a)} {first.get('metric')} scores "
                          f"vs {len(b)} {second.get('metric')}")
     mean, stderr = _mean_and_stderr([x - y for x, y in zip(a, b)])

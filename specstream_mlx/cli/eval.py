@@ -16,7 +16,10 @@ def eval_command(
     ctx: typer.Context,
     model: str = typer.Option(..., "--model", help="Checkpoint to evaluate."),
     data: str = typer.Option(..., "--data", help="JSONL with prompt/completion or messages."),
-    metric: str = typer.Option("rouge", help="rouge (ROUGE-L) | exact (SQL exact match)."),
+    metric: str = typer.Option(
+        "rouge", help="rougeL (= rouge: ROUGE-L F1) | rouge1 (ROUGE-1 F1) | exact (SQL exact match "
+                      "after whitespace and case normalisation). ROUGE: best over a record's "
+                      "references; both ROUGE-1 and ROUGE-L are reported."),
     limit: Optional[int] = typer.Option(None, "--num", help="Only the first N examples."),
     max_tokens: int = typer.Option(128, "-m", "--max-tokens"),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON."),

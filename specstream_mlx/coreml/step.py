@@ -74,7 +74,7 @@ class StepModule(nn.Module):
         self.ref = ref.to(self.compute_dtype)
         attn = ref.base.model.layers[0].self_attn
         self.heads, self.kv_heads, self.head_dim = attn.heads, attn.kv_heads, attn.head_dim
-        self.gamma, self.split, self.shared = ref.gamma, ref.split, ref.mode == "shared"
+        self.gamma, self.split = ref.gamma, ref.split
         self.commit_slots, self.max_context = commit_slots, max_context
         self.hidden_value = interface.mask_value("hidden")
         shape = (len(ref.base.model.layers), self.kv_heads, max_context, self.head_dim)
@@ -116,7 +116,7 @@ class StepModule(nn.Module):
         """Mask of a multi-stream layer: ``(T, C)`` -> ``(T + T*G, C + T*G)``.
 
         Stream ``(t, j)`` sees the slots row ``t`` sees and streams ``(t, 0..j)``;
-        main rows see stream rows only in shared mode (their own).
+        main rows never see stream rows (either mode).
         """
         g = self.gamma
         r = torch.arange(rows * g)  # stream rows, t = r // g, j = r % g
@@ -125,11 +125,7 @@ class StepModule(nn.Module):
         same = (owner[:, None] == owner[None, :]) & (slot[None, :] <= slot[:, None])
         stream_block = (~same).to(mask.dtype) * hidden  # (T*G, T*G), additive
         to_cache = mask[:, None, :].expand(-1, g, -1).reshape(rows * g, -1)  # (T*G, C)
-        t = torch.arange(rows)
-        own = owner[None, :] == t[:, None]  # (T, T*G)
-        if not self.shared:  # lossless: main rows never see stream rows
-            own = own & (t[:, None] < 0)
-        main_streams = (~own).to(mask.dtype) * hidden
+        main_streams = torch.full((rows, rows * g), hidden, dtype=mask.dtype)  # (T, T*G)
         top = torch.cat([mask, main_streams], 1)
         return torch.cat([top, torch.cat([to_cache, stream_block], 1)], 0)
 

@@ -76,7 +76,7 @@ def train_forward(model: SpecStreamModel, tokens: mx.array):
     early_exit = model.base.model.norm(model.prune_adapter(h))
     streams = h[:, :, None, :] + model.stream_embeddings.astype(h.dtype)  # (B, T, gamma, H)
     h = mx.concatenate([h, streams.reshape(batch, length * gamma, -1)], axis=1)
-    block = msa_block(rows, gamma, config.shared)
+    block = msa_block(rows, gamma)
     all_positions = row_positions(rows, gamma, with_streams=True)
     offset = RowPositions(mx.array(all_positions.astype(np.int32)))
     masks = {}
