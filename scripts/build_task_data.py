@@ -31,6 +31,9 @@ scored as the best over the references.
   case-insensitive, on word boundaries, outside string literals; column types
   from tables.json's ``column_types``) -> the query. Split BY DATABASE
   (seeded shuffle of the sorted db_ids: 80% train, 10% dev, 10% test).
+  Some databases share tables, so a dev/test prompt can equal a training
+  prompt word for word: those dev/test records are dropped (meta.json counts
+  them; any task).
 
 Raw mode builds ONE eval set from an upstream split file in the shared files'
 format: DialogSum jsonl (``summary`` or ``summary1``..``summary3``: all are
@@ -363,13 +366,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TaskDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # Spider reuses tables across databases: a dev/test prompt may equal a training
+    # prompt (same question and CREATE TABLE text). Such records are dropped.
+    seen = {r["prompt"] for r in train}
+    dropped = {"dev": sum(r["prompt"] in seen for r in dev),
+               "test": sum(r["prompt"] in seen for r in test)}
+    dev = [r for r in dev if r["prompt"] not in seen]
+    test = [r for r in test if r["prompt"] not in seen]
     if args.train:
         train = train[:args.train]
     sizes = {"train": len(train), "dev": len(dev), "test": len(test)}
     args.out.mkdir(parents=True, exist_ok=True)
     for name, records in (("train", train), ("dev", dev), ("valid", dev), ("test", test)):
         write_jsonl(args.out / f"{name}.jsonl", records)
-    meta = {"task": task, "seed": args.seed, "source": str(folder.resolve()), "sizes": sizes, **meta}
+    meta = {"task": task, "seed": args.seed, "source": str(folder.resolve()), "sizes": sizes,
+            "dropped_as_seen_in_train": dropped, **meta}
     write_text(args.out / "meta.json", json.dumps(meta, indent=2) + "\n")
     print(f"{task}: {sizes['train']} train, {sizes['dev']} dev, {sizes['test']} test records "
           f"in {args.out} (valid.jsonl = dev.jsonl)")

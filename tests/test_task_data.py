@@ -87,6 +87,9 @@ def spider_rows():
                               "ON T1.singer_id = T2.singer_id"})
         rows.append({"question": f"Singer named venue {d}?", "db_id": f"db_{d}",
                      "query": "SELECT age FROM singer WHERE name = 'Venue'"})
+        # the same question on the same table in every database: one prompt text
+        rows.append({"question": "List all singers.", "db_id": f"db_{d}",
+                     "query": "SELECT * FROM singer"})
     return rows
 
 
@@ -173,14 +176,18 @@ def test_sql_splits_by_database_with_create_table_of_the_used_tables(shared, tmp
     meta = json.loads((out / "meta.json").read_text())
     assert len(meta["databases"]["dev"]) == len(meta["databases"]["test"]) == 1
     assert meta["databases"]["train"] == 8
-    db_of = {f"{q['question']}": q["db_id"] for q in spider_rows()}
-    dbs = {name: {db_of[r["prompt"].rsplit("Question: ", 1)[1]] for r in records}
+    db_of = {f"{q['question']}": q["db_id"] for q in spider_rows() if q["question"][-2].isdigit()}
+    dbs = {name: {db_of[q] for r in records if (q := r["prompt"].rsplit("Question: ", 1)[1]) in db_of}
            for name, records in splits.items()}
     assert dbs["dev"] == set(meta["databases"]["dev"]) and dbs["test"] == set(meta["databases"]["test"])
     assert not dbs["train"] & dbs["dev"] and not dbs["train"] & dbs["test"]
     assert not dbs["dev"] & dbs["test"] and len(dbs["train"]) == 8
-    assert (len(splits["train"]), len(splits["dev"]), len(splits["test"])) == (24, 3, 3)
-    assert "24 train, 3 dev, 3 test" in stdout
+    # a dev/test prompt equal to a training prompt (shared tables) is dropped
+    assert (len(splits["train"]), len(splits["dev"]), len(splits["test"])) == (32, 3, 3)
+    assert "32 train, 3 dev, 3 test" in stdout
+    assert meta["dropped_as_seen_in_train"] == {"dev": 1, "test": 1}
+    assert sum(r["completion"] == "SELECT * FROM singer" for r in splits["train"]) == 8
+    assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["dev"] + splits["test"]}
 
     singer = "CREATE TABLE singer (singer_id INTEGER, Name VARCHAR, Age INTEGER)"
     concert = ('CREATE TABLE concert (concert_id INTEGER, singer_id INTEGER, Year INTEGER, '

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from .helpers import VOCAB, base_model, decode_tokens, random_prompt, reference_tokens, write_base
 from specstream_mlx.cli import app
 from specstream_mlx.config import SpecStreamConfig
-from specstream_mlx.train.data import DataError, Example, load_examples
+from specstream_mlx.train.data import DataError, Example, collate, load_examples
 from specstream_mlx.config import TreeSettings
 from specstream_mlx.families import family_for
 from specstream_mlx.forward import forward
@@ -363,3 +363,66 @@ def test_distillation_cache_is_reused_and_checked(tmp_path):
     other = [Example(tuple(random_prompt(6, 99)), 6)]
     with pytest.raises(ValueError, match="cache.jsonl:1 holds another prompt"):
         distill(model.base, tokenizer, other, max_tokens=4, cache_file=cache)
+
+
+def _shared_batch(model):
+    """A shared-mode model with non-zero LoRA and a padded batch of three examples."""
+    make_trainable(model, TrainConfig(lora_rank=4))
+    for name, module in model.base.named_modules():
+        if hasattr(module, "lora_b"):
+            module.lora_b = mx.random.normal(module.lora_b.shape, key=mx.random.key(3)) * 0.05
+    examples = [Example(tuple(random_prompt(n, seed=n)), 4) for n in (20, 13, 17)]
+    tokens, mask = collate(examples, [0, 1, 2], 32)
+    return examples, mx.array(tokens), mask
+
+
+def test_cached_lower_layers_give_the_same_shared_loss_and_gradients():
+    from specstream_mlx.train.cached import collate_lower, precompute_lower
+
+    model = _model(mode="shared", adapter_rank=4)
+    examples, tokens, mask = _shared_batch(model)
+    weights = LossWeights(main=1.0, stream=0.1, early_exit=0.1)
+    lower = collate_lower(precompute_lower(model, examples), [0, 1, 2], tokens.shape[1])
+    step = nn.value_and_grad(model, lambda m, low: loss_fn(m, tokens, mask, weights, low)[0])
+    full_loss, full_grads = step(model, None)
+    cached_loss, cached_grads = step(model, lower)
+    np.testing.assert_allclose(cached_loss.item(), full_loss.item(), rtol=1e-5)
+    full, cached = dict(tree_flatten(full_grads)), dict(tree_flatten(cached_grads))
+    assert set(full) == set(cached) and any("lora" in k for k in full)
+    for name in full:
+        np.testing.assert_allclose(np.array(cached[name]), np.array(full[name]), atol=1e-5,
+                                   rtol=1e-3, err_msg=name)
+
+
+def test_stream_weight_zero_is_a_plain_lora_fine_tune():
+    """Main rows never see streams: the main loss is the same with or without stream rows."""
+    model = _model(mode="shared", adapter_rank=4)
+    _, tokens, mask = _shared_batch(model)
+    main, streams, _ = train_forward(model, tokens, with_streams=False)
+    assert streams is None
+    with_streams, metrics = loss_fn(model, tokens, mask, LossWeights(main=1.0, stream=0.1))
+    plain, plain_metrics = loss_fn(model, tokens, mask, LossWeights(main=1.0, stream=0.0))
+    assert "stream_1_loss" in metrics and "stream_1_loss" not in plain_metrics
+    np.testing.assert_allclose(plain_metrics["main_loss"].item(), metrics["main_loss"].item(),
+                               rtol=1e-5)
+    assert with_streams.item() > plain.item()
+
+
+def test_shared_cached_training_learns_and_resumes(tmp_path, base_dir, monkeypatch):
+    """Shared mode with the lower layers cached: the main loss falls; resume is exact."""
+    examples = [Example(ex.tokens, 8) for ex in _successor_corpus(n=32, length=24)]
+    config = TrainConfig(iters=20, batch_size=8, max_seq_len=24, learning_rate=5e-3, warmup=2,
+                         report_every=20, save_every=10, lora_rank=4,
+                         weights=LossWeights(main=1.0, stream=0.1, early_exit=0.1))
+    model = _model(mode="shared", adapter_rank=0)
+    tokens, mask = collate(examples, range(8), 24)
+    _, before = loss_fn(model, mx.array(tokens), mask, config.weights)
+    figures = train(model, examples, config, base_dir, tmp_path / "a", cached=True)
+    assert figures["main_loss"] < 0.7 * before["main_loss"].item(), (figures, before)
+    _train_interrupted(monkeypatch, _model(mode="shared", adapter_rank=0), examples, config,
+                       base_dir, tmp_path / "b", at=10, cached=True)
+    resumed = _model(mode="shared", adapter_rank=0)
+    train(resumed, examples, config, base_dir, tmp_path / "b", resume=tmp_path / "b", cached=True)
+    for (name, x), (_, y) in zip(tree_flatten(model.trainable_parameters()),
+                                 tree_flatten(resumed.trainable_parameters())):
+        np.testing.assert_array_equal(np.array(x), np.array(y), err_msg=name)

@@ -27,7 +27,7 @@ def _words(text: str) -> List[str]:
     Lower-cased runs of ASCII letters and digits; everything else separates
     tokens and is dropped.
     """
-    return re.findall(r"\w+", text.lower())
+    return re.findall(r"[a-z0-9]+", text.lower())
 
 
 def _f1(overlap: int, candidate_len: int, reference_len: int) -> float:

@@ -50,7 +50,8 @@ def train(
     distill_max_tokens: int = typer.Option(128, "--distill-max-tokens"),
     cached: Optional[bool] = typer.Option(
         None, "--cached/--no-cached",
-        help="Lossless: compute the frozen main stream once, train stream rows only (default on)."),
+        help="Compute the frozen layers once (lossless: the whole main stream, training stream "
+             "rows only; shared: the layers below the multi-stream layers). Default on."),
     positions: Optional[int] = typer.Option(
         None, "--positions",
         help="Cached training: streams of this many random positions per example and step "
@@ -89,11 +90,9 @@ def train(
         ss_model, tokenizer, base_dir = load_for_training(
             source, mode=mode, seed=seed, fresh_streams=fresh, **settings)
         shared = ss_model.config.shared
-        use_cache = (not shared) if cached is None else cached
-        if use_cache and shared:
-            raise UsageError("--cached works in lossless mode only (shared mode trains the main stream)")
-        if positions is not None and not use_cache:
-            raise UsageError("--positions works with cached training (lossless mode) only")
+        use_cache = True if cached is None else cached
+        if positions is not None and (shared or not use_cache):
+            raise UsageError("--positions works with cached training in lossless mode only")
         examples = load_examples(data, tokenizer)
         if distill:
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,12 @@
-"""Lossless-mode training with the main stream computed once.
+"""Cached training: what the frozen part of the model computes, computed once.
+
+Both modes freeze the layers below the multi-stream layers (shared mode's LoRA
+sits on the top ``Ns`` layers only), so an example's hidden state at the input
+of layer ``N - Ns`` never changes. Shared mode caches just that
+(``precompute_lower``): each step runs the top layers on it, skipping the
+lower ``N - Ns`` layers. Lossless mode caches more, below.
+
+**Lossless mode: the main stream computed once.**
 
 In lossless mode nothing trainable touches the main rows: the base is frozen,
 main rows never attend to stream rows, and the stream adapters act on stream
@@ -32,7 +40,7 @@ from ..cache import make_cache
 from .data import Example
 from ..families import embed
 from ..forward import adapt_streams, run_layers
-from .losses import LossWeights
+from .losses import LossWeights, lower_forward
 from ..masks import chain_rows, within_window
 from ..model import SpecStreamModel
 from ..rope import RowPositions
@@ -56,6 +64,42 @@ class MainStream:
     values: List[mx.array]
 
 
+def _report(label: str, done: int, total: int, tic: float) -> None:
+    if done % 20 == 0 or done == total:
+        rate = done / (time.perf_counter() - tic)
+        print(f"\r[{label}] {done}/{total} examples ({rate:.1f}/s)", file=sys.stderr, end="",
+              flush=True)
+        if done == total:
+            print(file=sys.stderr)
+
+
+def precompute_lower(model: SpecStreamModel, examples: Sequence[Example]) -> List[mx.array]:
+    """Each example's hidden state at the input of layer ``N - Ns``, ``(T, H)`` (with progress).
+
+    Exactly what ``losses.train_forward`` computes below the multi-stream layers
+    (``losses.lower_forward``), one example at a time (no padding).
+    """
+    out = []
+    tic = time.perf_counter()
+    for i, example in enumerate(examples, start=1):
+        hidden = lower_forward(model, mx.array(np.array(example.tokens, dtype=np.int32))[None])[0]
+        mx.eval(hidden)
+        out.append(hidden)
+        _report("cache lower layers", i, len(examples), tic)
+    return out
+
+
+def collate_lower(lowers: Sequence[mx.array], indices: Sequence[int], length: int) -> mx.array:
+    """The chosen examples' cached states padded (zeros) to ``length``: ``(B, length, H)``."""
+    rows = []
+    for i in indices:
+        h = lowers[i][:length]
+        if h.shape[0] < length:
+            h = mx.concatenate([h, mx.zeros((length - h.shape[0], h.shape[1]), h.dtype)])
+        rows.append(h)
+    return mx.stack(rows)
+
+
 def precompute(model: SpecStreamModel, examples: Sequence[Example]) -> List[MainStream]:
     """Run the frozen main stream of every example once (with progress)."""
     split, n = model.first_stream_layer, model.num_layers
@@ -75,11 +119,7 @@ def precompute(model: SpecStreamModel, examples: Sequence[Example]) -> List[Main
         values = [cache[layer].values[..., :length, :] for layer in range(split, n)]
         mx.eval(hidden, keys, values)
         out.append(MainStream(tokens, example.loss_start, hidden, keys, values))
-        if i % 20 == 0 or i == len(examples):
-            rate = i / (time.perf_counter() - tic)
-            print(f"\r[cache main stream] {i}/{len(examples)} examples ({rate:.1f}/s)",
-                  file=sys.stderr, end="", flush=True)
-    print(file=sys.stderr)
+        _report("cache main stream", i, len(examples), tic)
     return out
 
 

@@ -222,8 +222,11 @@ def train(
         validate: optional callback returning figures (e.g. tokens per
             forward on validation prompts), run every ``val_every`` steps.
         extra_state: JSON-able facts stored with each checkpoint.
-        cached: lossless mode only: compute the frozen main stream once and
-            train on the stream rows alone (``train.cached``); much faster.
+        cached: compute what the frozen layers compute once (``train.cached``):
+            lossless mode caches the whole main stream and trains on stream
+            rows alone; shared mode caches the hidden states below the
+            multi-stream layers and runs only the top layers each step. The
+            same loss either way, much faster.
 
     Returns:
         The last step's figures (``loss``, per-stream loss/accuracy, ``tokens_per_sec``).
@@ -234,29 +237,35 @@ def train(
     if resume is not None:
         optimizer.init(model.trainable_parameters())
         start = restore_state(model, optimizer, resume)
+    lowers = None
     if cached:
-        from .cached import CachedLoss, precompute
+        from .cached import CachedLoss, collate_lower, precompute, precompute_lower
 
         examples = [Example(e.tokens[: config.max_seq_len], e.loss_start) for e in examples
                     if e.loss_start < min(len(e.tokens), config.max_seq_len) - 1]
         if not examples:
             raise ValueError(f"no example has a completion within --max-seq-len {config.max_seq_len}")
+    if cached and not model.config.shared:
         objective = CachedLoss(model, precompute(model, examples), config.weights, seed=config.seed,
                                positions=config.positions)
         step_fn = nn.value_and_grad(model, objective)
     else:
-        step_fn = nn.value_and_grad(model, lambda m, t, k: loss_fn(m, t, k, config.weights))
+        if cached:
+            lowers = precompute_lower(model, examples)
+        step_fn = nn.value_and_grad(
+            model, lambda m, t, k, low=None: loss_fn(m, t, k, config.weights, low))
     order = batch_indices(len(examples), config.batch_size, config.seed, start)
     figures: dict = {}
     tokens_seen, tic = 0, time.perf_counter()
     for step in range(start + 1, config.iters + 1):
         indices = next(order)
-        if cached:
+        if cached and lowers is None:
             (loss, metrics), grads = step_fn(model, indices, step)
             tokens_seen += sum(len(examples[i].tokens) for i in indices)
         else:
             tokens, mask = collate(examples, indices, config.max_seq_len)
-            (loss, metrics), grads = step_fn(model, mx.array(tokens), mask)
+            low = None if lowers is None else collate_lower(lowers, indices, tokens.shape[1])
+            (loss, metrics), grads = step_fn(model, mx.array(tokens), mask, low)
             tokens_seen += tokens.size
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state, loss, metrics)

@@ -14,6 +14,7 @@ the pruning adapter (its input is gradient-free).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,48 +46,68 @@ class _TrainView:
         return keys, values
 
 
-def train_forward(model: SpecStreamModel, tokens: mx.array):
+def lower_forward(model: SpecStreamModel, tokens: mx.array) -> mx.array:
+    """The frozen layers below the multi-stream layers: ``(B, T)`` -> ``(B, T, H)``, no gradient.
+
+    Neither mode trains them (shared mode's LoRA is on the top ``Ns`` layers
+    only), so their output for an example never changes: cached training
+    computes it once (``cached.precompute_lower``).
+    """
+    length = tokens.shape[1]
+    rows = chain_rows(length)
+    h = embed(model.family, model.base, tokens)  # (B, T, H)
+    masks = {}
+    for i in range(model.first_stream_layer):
+        window = model.windows[i]
+        if window not in masks:
+            masks[window] = "causal" if window is None else mx.array(
+                within_window(rows.ancestors, rows.depth, rows.depth, window))
+        h = model.layers[i](h, masks[window], cache=_TrainView(0))
+    return mx.stop_gradient(h)
+
+
+def train_forward(model: SpecStreamModel, tokens: mx.array, lower: Optional[mx.array] = None,
+                  with_streams: bool = True):
     """Hidden states for a batch of full sequences.
 
     Args:
         model: the model.
         tokens: ``(B, T)`` token ids.
+        lower: ``lower_forward(model, tokens)`` when already computed (cached training).
+        with_streams: run the stream rows (off for a plain LoRA fine-tune).
 
     Returns:
         ``(main, streams, early_exit)``: final-norm hidden states ``(B, T, H)``,
-        ``(B, T, gamma, H)`` and the early-exit head's normed input ``(B, T, H)``.
+        ``(B, T, gamma, H)`` (``None`` without streams) and the early-exit
+        head's normed input ``(B, T, H)``.
     """
     config = model.config
     gamma, split = config.gamma, model.first_stream_layer
     batch, length = tokens.shape
-    rows = chain_rows(length, np.arange(length))
-    causal = rows.ancestors
-    positions = rows.depth
-
-    h = embed(model.family, model.base, tokens)  # (B, T, H)
-    masks = {}
-    for i in range(split):
-        window = model.windows[i]
-        if window not in masks:
-            masks[window] = "causal" if window is None else mx.array(
-                within_window(causal, positions, positions, window))
-        h = model.layers[i](h, masks[window], cache=_TrainView(0))
-    h = mx.stop_gradient(h)
+    h = lower_forward(model, tokens) if lower is None else mx.stop_gradient(lower)
 
     early_exit = model.base.model.norm(model.prune_adapter(h))
-    streams = h[:, :, None, :] + model.stream_embeddings.astype(h.dtype)  # (B, T, gamma, H)
-    h = mx.concatenate([h, streams.reshape(batch, length * gamma, -1)], axis=1)
-    block = msa_block(rows, gamma)
-    all_positions = row_positions(rows, gamma, with_streams=True)
+    if not with_streams:
+        rows = chain_rows(length)
+        block, all_positions = rows.ancestors, rows.depth
+    else:
+        rows = chain_rows(length, np.arange(length))
+        streams = h[:, :, None, :] + model.stream_embeddings.astype(h.dtype)  # (B, T, gamma, H)
+        h = mx.concatenate([h, streams.reshape(batch, length * gamma, -1)], axis=1)
+        block = msa_block(rows, gamma)
+        all_positions = row_positions(rows, gamma, with_streams=True)
     offset = RowPositions(mx.array(all_positions.astype(np.int32)))
     masks = {}
     for i in range(split, model.num_layers):
         window = model.windows[i]
         if window not in masks:
             masks[window] = mx.array(within_window(block, all_positions, all_positions, window))
-        h = adapt_streams(model, h, i, length)
+        if with_streams:
+            h = adapt_streams(model, h, i, length)
         h = model.layers[i](h, masks[window], cache=_TrainView(offset))
     h = model.base.model.norm(h)
+    if not with_streams:
+        return h, None, early_exit
     return h[:, :length], h[:, length:].reshape(batch, length, gamma, -1), early_exit
 
 
@@ -114,21 +135,24 @@ def _ce(model, hidden: mx.array, targets: mx.array, mask: np.ndarray):
     return losses.sum(), mx.array(float(rows.size)), hits.sum()
 
 
-def loss_fn(model: SpecStreamModel, tokens: mx.array, loss_mask: mx.array, weights: LossWeights):
+def loss_fn(model: SpecStreamModel, tokens: mx.array, loss_mask: mx.array, weights: LossWeights,
+            lower: Optional[mx.array] = None):
     """Weighted training loss and per-term figures.
 
     Args:
         model: the model.
         tokens: ``(B, T)`` token ids.
         loss_mask: ``(B, T)`` bool (numpy or mx), True on tokens that are targets.
-        weights: loss weights.
+        weights: loss weights; with ``stream == 0`` no stream rows run (a
+            plain LoRA fine-tune of the same layers, the baseline).
+        lower: the frozen lower layers' output for ``tokens``, if cached.
 
     Returns:
         ``(loss, metrics)``: the scalar loss and a dict of arrays: ``stream_j_loss``
         and ``stream_j_acc`` (top-1 accuracy of stream ``j``), ``main_loss``,
         ``exit_loss``.
     """
-    main, streams, early_exit = train_forward(model, tokens)
+    main, streams, early_exit = train_forward(model, tokens, lower, with_streams=weights.stream > 0)
     mask = np.asarray(loss_mask, dtype=bool)
     length = tokens.shape[1]
     total = mx.array(0.0)
@@ -143,7 +167,7 @@ def loss_fn(model: SpecStreamModel, tokens: mx.array, loss_mask: mx.array, weigh
         metrics["exit_loss"] = s / mx.maximum(n, 1)
         total = total + weights.early_exit * metrics["exit_loss"]
     # Stream j at row t predicts token t + 1 + j.
-    for j in range(1, model.config.gamma + 1):
+    for j in range(1, model.config.gamma + 1 if streams is not None else 1):
         if length <= j + 1:
             break
         s, n, hits = _ce(model, streams[:, : length - 1 - j, j - 1], tokens[:, 1 + j :],
