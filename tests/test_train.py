@@ -377,12 +377,15 @@ def _shared_batch(model):
 
 
 def test_cached_lower_layers_give_the_same_shared_loss_and_gradients():
-    from specstream_mlx.train.cached import collate_lower, precompute_lower
+    from specstream_mlx.train.cached import LowerCache
 
     model = _model(mode="shared", adapter_rank=4)
     examples, tokens, mask = _shared_batch(model)
     weights = LossWeights(main=1.0, stream=0.1, early_exit=0.1)
-    lower = collate_lower(precompute_lower(model, examples), [0, 1, 2], tokens.shape[1])
+    cache = LowerCache(model, examples)
+    first = cache.batch([0, 2], tokens.shape[1])  # computes 0 and 2 together (padded)
+    lower = cache.batch([0, 1, 2], tokens.shape[1])  # 1 now; 0 and 2 from the cache
+    assert mx.array_equal(first[1], lower[2]).item()
     step = nn.value_and_grad(model, lambda m, low: loss_fn(m, tokens, mask, weights, low)[0])
     full_loss, full_grads = step(model, None)
     cached_loss, cached_grads = step(model, lower)
@@ -426,3 +429,14 @@ def test_shared_cached_training_learns_and_resumes(tmp_path, base_dir, monkeypat
     for (name, x), (_, y) in zip(tree_flatten(model.trainable_parameters()),
                                  tree_flatten(resumed.trainable_parameters())):
         np.testing.assert_array_equal(np.array(x), np.array(y), err_msg=name)
+
+
+def test_stream_rows_from_a_position_on_equal_the_full_forward():
+    """Positions before the first target get no stream rows; the others are unchanged."""
+    model = _model(mode="shared", adapter_rank=4)
+    tokens = mx.array([random_prompt(20, seed=1), random_prompt(20, seed=2)])
+    main, streams, _ = train_forward(model, tokens)
+    main_cut, streams_cut, _ = train_forward(model, tokens, stream_from=7)
+    assert streams_cut.shape[1] == 13
+    np.testing.assert_allclose(np.array(streams_cut), np.array(streams[:, 7:]), atol=1e-4)
+    np.testing.assert_allclose(np.array(main_cut), np.array(main), atol=1e-4)

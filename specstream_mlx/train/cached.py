@@ -3,8 +3,8 @@
 Both modes freeze the layers below the multi-stream layers (shared mode's LoRA
 sits on the top ``Ns`` layers only), so an example's hidden state at the input
 of layer ``N - Ns`` never changes. Shared mode caches just that
-(``precompute_lower``): each step runs the top layers on it, skipping the
-lower ``N - Ns`` layers. Lossless mode caches more, below.
+(``LowerCache``, filled as examples are first used): later steps run only the
+top layers on it. Lossless mode caches more, below.
 
 **Lossless mode: the main stream computed once.**
 
@@ -73,31 +73,39 @@ def _report(label: str, done: int, total: int, tic: float) -> None:
             print(file=sys.stderr)
 
 
-def precompute_lower(model: SpecStreamModel, examples: Sequence[Example]) -> List[mx.array]:
-    """Each example's hidden state at the input of layer ``N - Ns``, ``(T, H)`` (with progress).
+class LowerCache:
+    """Each example's hidden state at the input of layer ``N - Ns``, computed on first use.
 
-    Exactly what ``losses.train_forward`` computes below the multi-stream layers
-    (``losses.lower_forward``), one example at a time (no padding).
+    What ``losses.train_forward`` computes below the multi-stream layers
+    (``losses.lower_forward``). A batch computes the states of its examples
+    not seen before (together, padded at the end: attention is causal, so
+    padding changes no real row) and keeps them, so the first epoch costs
+    what uncached training costs and every later step skips the lower layers.
     """
-    out = []
-    tic = time.perf_counter()
-    for i, example in enumerate(examples, start=1):
-        hidden = lower_forward(model, mx.array(np.array(example.tokens, dtype=np.int32))[None])[0]
-        mx.eval(hidden)
-        out.append(hidden)
-        _report("cache lower layers", i, len(examples), tic)
-    return out
 
+    def __init__(self, model: SpecStreamModel, examples: Sequence[Example]):
+        self.model, self.examples = model, examples
+        self.states: List[Optional[mx.array]] = [None] * len(examples)  # (T_i, H) each
 
-def collate_lower(lowers: Sequence[mx.array], indices: Sequence[int], length: int) -> mx.array:
-    """The chosen examples' cached states padded (zeros) to ``length``: ``(B, length, H)``."""
-    rows = []
-    for i in indices:
-        h = lowers[i][:length]
-        if h.shape[0] < length:
-            h = mx.concatenate([h, mx.zeros((length - h.shape[0], h.shape[1]), h.dtype)])
-        rows.append(h)
-    return mx.stack(rows)
+    def batch(self, indices: Sequence[int], length: int) -> mx.array:
+        """The chosen examples' states, padded with zeros to ``length``: ``(B, length, H)``."""
+        missing = [i for i in dict.fromkeys(int(i) for i in indices) if self.states[i] is None]
+        if missing:
+            longest = max(len(self.examples[i].tokens) for i in missing)
+            tokens = np.zeros((len(missing), longest), dtype=np.int32)
+            for row, i in enumerate(missing):
+                tokens[row, : len(self.examples[i].tokens)] = self.examples[i].tokens
+            hidden = lower_forward(self.model, mx.array(tokens))  # (B', T, H)
+            for row, i in enumerate(missing):
+                self.states[i] = hidden[row, : len(self.examples[i].tokens)]
+            mx.eval([self.states[i] for i in missing])
+        rows = []
+        for i in indices:
+            h = self.states[int(i)][:length]
+            if h.shape[0] < length:
+                h = mx.concatenate([h, mx.zeros((length - h.shape[0], h.shape[1]), h.dtype)])
+            rows.append(h)
+        return mx.stack(rows)
 
 
 def precompute(model: SpecStreamModel, examples: Sequence[Example]) -> List[MainStream]:

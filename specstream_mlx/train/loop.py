@@ -239,7 +239,7 @@ def train(
         start = restore_state(model, optimizer, resume)
     lowers = None
     if cached:
-        from .cached import CachedLoss, collate_lower, precompute, precompute_lower
+        from .cached import CachedLoss, LowerCache, precompute
 
         examples = [Example(e.tokens[: config.max_seq_len], e.loss_start) for e in examples
                     if e.loss_start < min(len(e.tokens), config.max_seq_len) - 1]
@@ -251,7 +251,7 @@ def train(
         step_fn = nn.value_and_grad(model, objective)
     else:
         if cached:
-            lowers = precompute_lower(model, examples)
+            lowers = LowerCache(model, examples)
         step_fn = nn.value_and_grad(
             model, lambda m, t, k, low=None: loss_fn(m, t, k, config.weights, low))
     order = batch_indices(len(examples), config.batch_size, config.seed, start)
@@ -264,7 +264,7 @@ def train(
             tokens_seen += sum(len(examples[i].tokens) for i in indices)
         else:
             tokens, mask = collate(examples, indices, config.max_seq_len)
-            low = None if lowers is None else collate_lower(lowers, indices, tokens.shape[1])
+            low = None if lowers is None else lowers.batch(indices, tokens.shape[1])
             (loss, metrics), grads = step_fn(model, mx.array(tokens), mask, low)
             tokens_seen += tokens.size
         optimizer.update(model, grads)

@@ -51,7 +51,7 @@ def lower_forward(model: SpecStreamModel, tokens: mx.array) -> mx.array:
 
     Neither mode trains them (shared mode's LoRA is on the top ``Ns`` layers
     only), so their output for an example never changes: cached training
-    computes it once (``cached.precompute_lower``).
+    computes it once (``cached.LowerCache``).
     """
     length = tokens.shape[1]
     rows = chain_rows(length)
@@ -67,7 +67,7 @@ def lower_forward(model: SpecStreamModel, tokens: mx.array) -> mx.array:
 
 
 def train_forward(model: SpecStreamModel, tokens: mx.array, lower: Optional[mx.array] = None,
-                  with_streams: bool = True):
+                  with_streams: bool = True, stream_from: int = 0):
     """Hidden states for a batch of full sequences.
 
     Args:
@@ -75,11 +75,14 @@ def train_forward(model: SpecStreamModel, tokens: mx.array, lower: Optional[mx.a
         tokens: ``(B, T)`` token ids.
         lower: ``lower_forward(model, tokens)`` when already computed (cached training).
         with_streams: run the stream rows (off for a plain LoRA fine-tune).
+        stream_from: first position that gets stream rows (earlier ones would
+            only guess prompt tokens, which carry no loss). Exact for the rest:
+            a stream row sees main rows and its own node's streams only.
 
     Returns:
         ``(main, streams, early_exit)``: final-norm hidden states ``(B, T, H)``,
-        ``(B, T, gamma, H)`` (``None`` without streams) and the early-exit
-        head's normed input ``(B, T, H)``.
+        ``(B, T - stream_from, gamma, H)`` (``None`` without streams) and the
+        early-exit head's normed input ``(B, T, H)``.
     """
     config = model.config
     gamma, split = config.gamma, model.first_stream_layer
@@ -91,9 +94,10 @@ def train_forward(model: SpecStreamModel, tokens: mx.array, lower: Optional[mx.a
         rows = chain_rows(length)
         block, all_positions = rows.ancestors, rows.depth
     else:
-        rows = chain_rows(length, np.arange(length))
-        streams = h[:, :, None, :] + model.stream_embeddings.astype(h.dtype)  # (B, T, gamma, H)
-        h = mx.concatenate([h, streams.reshape(batch, length * gamma, -1)], axis=1)
+        rows = chain_rows(length, np.arange(stream_from, length))
+        count = length - stream_from
+        streams = h[:, stream_from:, None, :] + model.stream_embeddings.astype(h.dtype)  # (B, T', gamma, H)
+        h = mx.concatenate([h, streams.reshape(batch, count * gamma, -1)], axis=1)
         block = msa_block(rows, gamma)
         all_positions = row_positions(rows, gamma, with_streams=True)
     offset = RowPositions(mx.array(all_positions.astype(np.int32)))
@@ -108,7 +112,7 @@ def train_forward(model: SpecStreamModel, tokens: mx.array, lower: Optional[mx.a
     h = model.base.model.norm(h)
     if not with_streams:
         return h, None, early_exit
-    return h[:, :length], h[:, length:].reshape(batch, length, gamma, -1), early_exit
+    return h[:, :length], h[:, length:].reshape(batch, count, gamma, -1), early_exit
 
 
 def _ce(model, hidden: mx.array, targets: mx.array, mask: np.ndarray):
@@ -152,9 +156,15 @@ def loss_fn(model: SpecStreamModel, tokens: mx.array, loss_mask: mx.array, weigh
         and ``stream_j_acc`` (top-1 accuracy of stream ``j``), ``main_loss``,
         ``exit_loss``.
     """
-    main, streams, early_exit = train_forward(model, tokens, lower, with_streams=weights.stream > 0)
     mask = np.asarray(loss_mask, dtype=bool)
     length = tokens.shape[1]
+    gamma = model.config.gamma
+    # Stream j at row t predicts token t + 1 + j: rows before the first target - 1 - gamma
+    # guess prompt tokens only, so they get no stream rows.
+    first = int(np.argmax(mask.any(axis=0))) if mask.any() else length
+    start = max(0, min(first - 1 - gamma, length - 1))
+    main, streams, early_exit = train_forward(model, tokens, lower, with_streams=weights.stream > 0,
+                                              stream_from=start)
     total = mx.array(0.0)
     metrics = {}
     # Main row t and the early exit at t predict token t + 1.
@@ -167,11 +177,11 @@ def loss_fn(model: SpecStreamModel, tokens: mx.array, loss_mask: mx.array, weigh
         metrics["exit_loss"] = s / mx.maximum(n, 1)
         total = total + weights.early_exit * metrics["exit_loss"]
     # Stream j at row t predicts token t + 1 + j.
-    for j in range(1, model.config.gamma + 1 if streams is not None else 1):
-        if length <= j + 1:
+    for j in range(1, gamma + 1 if streams is not None else 1):
+        if length <= start + j + 1:
             break
-        s, n, hits = _ce(model, streams[:, : length - 1 - j, j - 1], tokens[:, 1 + j :],
-                         mask[:, 1 + j :])
+        s, n, hits = _ce(model, streams[:, : length - 1 - j - start, j - 1],
+                         tokens[:, start + 1 + j :], mask[:, start + 1 + j :])
         metrics[f"stream_{j}_loss"] = s / mx.maximum(n, 1)
         metrics[f"stream_{j}_acc"] = hits / mx.maximum(n, 1)
         total = total + weights.stream * metrics[f"stream_{j}_loss"]
