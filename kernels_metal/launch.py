@@ -10,6 +10,14 @@ threads a threadgroup may hold, and the limit is per compiled kernel
 (``maxTotalThreadsPerThreadgroup``), so it is queried, never assumed: a
 device-info key if MLX reports one, else a one-off probe launch whose error
 (MLX names the limit) fixes the size (``threadgroup_limit``).
+
+Variants. Each template instantiation (dtype, head dim, SIMD groups, slots) is
+compiled by MLX when its first launch is *evaluated*, i.e. at the caller's
+``mx.eval``, outside any ``try`` around the launch. So before a variant's
+first use ``tree_attention`` compiles and runs it once, eagerly, on a 1-row
+problem (``check_variant``); the outcome is remembered per variant, and a
+variant that failed raises ``KernelUnavailable`` (naming it) on every later
+call, at once, so the caller can take its reference path for that variant.
 """
 
 from __future__ import annotations
@@ -154,6 +162,40 @@ def make_plan(
     )
 
 
+class KernelUnavailable(RuntimeError):
+    """A kernel variant that failed to compile or run on this device (remembered).
+
+    Attributes:
+        variant: ``(flavour, dtype, head dim, SIMD groups, slots)``; SIMD groups
+            is ``None`` when no SIMD-group count works for the other three.
+        why: the error the build or launch raised.
+    """
+
+    def __init__(self, variant: tuple, why: str) -> None:
+        super().__init__(f"{describe_variant(variant)}: {why}")
+        self.variant = variant
+        self.why = why
+
+
+def describe_variant(variant: tuple) -> str:
+    """``variant`` (as in ``KernelUnavailable``) in words."""
+    flavour, dtype, dim, nsimd, sps = variant
+    groups = "any SIMD-group count" if nsimd is None else f"{nsimd} SIMD group(s)"
+    return f"{flavour} kernel {dtype}, head dim {dim}, {groups}, {sps} slots"
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
+def _variant(flavour: str, dtype, dim: int, nsimd: Optional[int], sps: int) -> tuple:
+    return (flavour, _dtype_name(dtype), dim, nsimd, sps)
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def backend() -> Optional[str]:
     """``"metal"`` or ``"cuda"`` when the default device is a GPU that has the kernel."""
     if mx.default_device().type != mx.DeviceType.gpu:
@@ -167,7 +209,8 @@ def backend() -> Optional[str]:
 
 
 _kernels: dict = {}
-_limits: dict = {}
+_limits: dict = {}  # (flavour, dtype, head dim, slots) -> threads, or the KernelUnavailable
+_variants: dict = {}  # variant -> None (compiled and ran) or why it failed
 _lock = threading.Lock()
 
 
@@ -224,10 +267,17 @@ def threadgroup_limit(
 
     Order: ``SPECSTREAM_MAX_THREADGROUP`` if set; a device-info key if MLX
     reports one; else probe launches from ``MAX_SIMD_GROUPS * 32`` threads
-    down, reading the limit out of MLX's error when a launch exceeds it.
+    down, reading the limit out of MLX's error when a launch exceeds it. A
+    probe that fails otherwise (a build error, too much threadgroup memory)
+    marks its variant failed and the next smaller SIMD-group count is tried.
+
+    Raises:
+        KernelUnavailable: no SIMD-group count works (remembered too).
     """
-    key = (flavour, str(dtype), dim, sps)
+    key = (flavour, _dtype_name(dtype), dim, sps)
     if key in _limits:
+        if isinstance(_limits[key], KernelUnavailable):
+            raise _limits[key]
         return _limits[key]
     cap = MAX_SIMD_GROUPS * 32
     env = os.environ.get(LIMIT_ENV)
@@ -240,39 +290,81 @@ def threadgroup_limit(
     for name in _DEVICE_INFO_KEYS:
         if name in info:
             cap = min(cap, int(info[name]))
-    limit = None
+    limit, errors = None, []
     while cap >= 32:
         nsimd = 1 << int(math.log2(cap // 32))
         try:
             probe(flavour, dtype, dim, nsimd, sps)
         except Exception as exc:  # MLX raises ValueError/RuntimeError by backend
             named = limit_from_error(str(exc))
-            if named is None or named >= nsimd * 32:
-                raise
-            cap = named
+            if named is not None and named < nsimd * 32:
+                cap = named
+                continue
+            # Any other failure (a build error, too much threadgroup memory):
+            # this variant is out; fewer SIMD groups may still work.
+            _variants[_variant(flavour, dtype, dim, nsimd, sps)] = _why(exc)
+            errors.append(_why(exc))
+            cap = nsimd * 32 // 2
             continue
+        _variants[_variant(flavour, dtype, dim, nsimd, sps)] = None
         limit = nsimd * 32
         break
     if limit is None:
-        raise RuntimeError(
-            f"the {flavour} device cannot run the tree-attention kernel with even 32 "
-            f"threads per threadgroup: set SPECSTREAM_ATTENTION=reference"
+        failure = KernelUnavailable(
+            _variant(flavour, dtype, dim, None, sps),
+            errors[0] if errors else f"cannot run with even 32 threads per threadgroup "
+                                     f"(set SPECSTREAM_ATTENTION=reference)",
         )
+        _limits[key] = failure
+        raise failure
     _limits[key] = limit
     return limit
 
 
-def prepare(dtype, head_dim: int) -> Optional[int]:
-    """Query the threadgroup limit ahead of time (compiles and probes the kernel).
+def check_variant(flavour: str, dtype, dim: int, nsimd: int, sps: int,
+                  probe: Callable[[str, object, int, int, int], None] = _probe) -> None:
+    """Compile and run one variant eagerly before its first use (the outcome is cached).
 
-    The first fused call per (dtype, head dim) does this eagerly (it evaluates a
-    tiny launch); call ``prepare`` before tracing a step with ``mx.compile``.
+    Raises:
+        KernelUnavailable: the variant failed to build or run, now or earlier.
+    """
+    variant = _variant(flavour, dtype, dim, nsimd, sps)
+    if variant not in _variants:
+        try:
+            probe(flavour, dtype, dim, nsimd, sps)
+        except Exception as exc:  # a build error surfaces at the probe's mx.eval
+            _variants[variant] = _why(exc)
+        else:
+            _variants[variant] = None
+    if _variants[variant] is not None:
+        raise KernelUnavailable(variant, _variants[variant])
+
+
+def prepare(dtype, head_dim: int) -> Optional[int]:
+    """Query the threadgroup limit and compile every variant ahead of time.
+
+    The first fused call per variant does this eagerly (it evaluates a tiny
+    launch); call ``prepare`` before tracing a step with ``mx.compile``. Every
+    SIMD-group count within the limit is compiled and run once; failures are
+    remembered (``tree_attention`` then raises ``KernelUnavailable`` for them).
     Returns the limit in threads, or ``None`` without a fused backend.
+
+    Raises:
+        KernelUnavailable: no variant of this dtype and head dim works.
     """
     flavour = backend()
     if flavour is None:
         return None
-    return threadgroup_limit(flavour, dtype, head_dim, slots_per_group(head_dim))
+    sps = slots_per_group(head_dim)
+    limit = threadgroup_limit(flavour, dtype, head_dim, sps)
+    nsimd = 1
+    while nsimd <= min(MAX_SIMD_GROUPS, limit // 32):
+        try:
+            check_variant(flavour, dtype, head_dim, nsimd, sps)
+        except KernelUnavailable:
+            pass  # remembered: calls that would use it raise at once
+        nsimd *= 2
+    return limit
 
 
 def tree_attention(
@@ -291,6 +383,8 @@ def tree_attention(
 
     Raises:
         RuntimeError: no fused kernel on this backend.
+        KernelUnavailable: the variant this call needs failed to build or run
+            (checked eagerly before its first use, then remembered).
     """
     flavour = backend()
     if flavour is None:
@@ -298,4 +392,5 @@ def tree_attention(
     dim, sps = q.shape[3], slots_per_group(q.shape[3])
     limit = threadgroup_limit(flavour, q.dtype, dim, sps)
     plan = make_plan(q, k, v, table, offset, n_main, window, scale, max_threads=limit)
+    check_variant(flavour, q.dtype, dim, plan.simd_groups, plan.slots)
     return run_plan(plan, flavour)

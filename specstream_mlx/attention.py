@@ -19,6 +19,13 @@ The reference is ``mx.fast.scaled_dot_product_attention`` with a boolean mask
 call must take the fused kernel, and an error says why when it cannot). Plain
 chains (prefill chunks without stream rows, 1-row decoding) always take the
 reference, with its ``None`` / ``"causal"`` fast paths.
+
+Failures under ``auto`` are per kernel variant: ``kernels_metal.launch``
+compiles and runs each variant (dtype, head dim, SIMD groups, slots) eagerly
+before its first use, so a build error is raised inside the dispatch, not at
+the decode's later ``mx.eval``. The failed variant is remembered
+(``failures``), one warning line names it, and its calls take the reference
+from then on; the other variants keep the kernel.
 """
 
 from __future__ import annotations
@@ -43,7 +50,10 @@ _reference = _mlx_base.scaled_dot_product_attention
 # A fused implementation: (q, k_buf, v_buf, table, offset, n_main, window, scale) -> out.
 FusedImpl = Callable[..., mx.array]
 _override: Optional[FusedImpl] = None
-_disabled: Optional[str] = None  # why the fused kernel failed in this process (auto mode)
+# Kernel variants that failed in this process (auto mode) -> why. Keys: the
+# ``variant`` of a ``launch.KernelUnavailable``, else ``(dtype, head dim)`` of
+# the call for an error that names no variant.
+_failed: dict = {}
 
 
 def mode() -> str:
@@ -58,8 +68,6 @@ def fused_impl() -> Optional[FusedImpl]:
     """The fused kernel for the current device, or ``None`` (reference only)."""
     if _override is not None:
         return _override
-    if _disabled is not None:
-        return None
     from .kernels_metal import launch
 
     return launch.tree_attention if launch.backend() is not None else None
@@ -178,17 +186,27 @@ def _buffers(keys: mx.array, values: mx.array, cache) -> tuple:
     return k_buf, v_buf
 
 
-def _disable(why: str) -> None:
-    """Stop using the fused kernel in this process (auto mode), saying why once."""
-    global _disabled
-    if _disabled is None:
-        _disabled = why
-        warnings.warn(
-            f"fused tree attention failed, using the reference from now on ({why}). "
-            f"Set {ENV}=reference to silence this, or report the error",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+def failures() -> dict:
+    """The kernel variants that failed in this process (auto mode), with why."""
+    return dict(_failed)
+
+
+def _record_failure(key: tuple, exc: Exception) -> None:
+    """Remember a failed variant; one warning line per variant."""
+    if key in _failed:
+        return
+    why = getattr(exc, "why", None) or f"{type(exc).__name__}: {exc}"
+    _failed[key] = why
+    from .kernels_metal import launch
+
+    what = launch.describe_variant(key) if len(key) == 5 else f"{key[0]}, head dim {key[1]}"
+    first = why.strip().splitlines()[0] if why.strip() else type(exc).__name__
+    warnings.warn(
+        f"fused tree attention failed for {what}; its calls use the reference from now on "
+        f"({first}). Set {ENV}=reference to silence this, or report the error",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _dispatch(fallback, queries, keys, values, cache, scale, mask, sinks):
@@ -196,15 +214,18 @@ def _dispatch(fallback, queries, keys, values, cache, scale, mask, sinks):
         policy = mode()
         impl = fused_impl() if policy != "reference" else None
         reason = _unfit_reason(queries, keys, cache, mask, sinks) if impl else "no fused kernel on this device"
+        call_key = (str(queries.dtype).split(".")[-1], queries.shape[-1])
+        if reason is None and policy == "auto" and call_key in _failed:
+            reason = "the fused kernel failed for this dtype and head dim"
         if reason is None:
             k_buf, v_buf = _buffers(keys, values, cache)  # (1, Hkv, cap, D) each
             try:
                 return impl(queries, k_buf, v_buf, mask.table, mask.offset, mask.desc.n_main,
                             mask.window, scale)
-            except Exception as exc:  # a kernel that fails to build or launch here
+            except Exception as exc:  # a variant that fails to build or launch here
                 if policy == "fused":
                     raise
-                _disable(f"{type(exc).__name__}: {exc}")
+                _record_failure(getattr(exc, "variant", None) or call_key, exc)
                 reason = "the fused kernel failed"
         if policy == "fused":
             raise RuntimeError(

@@ -7,7 +7,10 @@ Each non-blank line of a file is one JSON object of one of these kinds (as in
 * ``{"prompt": "...", "completion": "..."}``: one user turn and its reply
   (``completion`` may be left out where no completion is needed);
 * ``{"text": "..."}``: plain text (training: loss on every token; bench: the
-  prompt; eval: refused, it has no reference).
+  prompt; eval: refused, it has no reference);
+* ``{"tokens": [int, ...], "loss_start": n}``: exact token ids, the loss on
+  ``tokens[n:]`` (training only: what ``specstream-mlx distill`` writes, so
+  no text round trip changes a distilled answer; ``1 <= n <= len(tokens)``).
 
 A ``prompt`` or ``messages`` record may also carry ``"references"``: a
 non-empty list of strings, every acceptable reply (eval scores the best of
@@ -62,12 +65,13 @@ class Record:
 
     Attributes:
         file, line: where it was read (``line`` is 1-based).
-        kind: ``"messages"``, ``"prompt"`` or ``"text"``.
+        kind: ``"messages"``, ``"prompt"``, ``"text"`` or ``"tokens"``.
         messages: the prompt messages (without the completion); ``None`` for text.
         completion: the completion (trailing assistant message or
             ``"completion"``), or ``None`` when the record has none.
         text: the text of a ``text`` record, else ``None``.
         references: the record's ``"references"`` list, else ``None``.
+        tokens, loss_start: of a ``tokens`` record, else ``None``.
     """
 
     file: Path
@@ -77,6 +81,8 @@ class Record:
     completion: Optional[str] = None
     text: Optional[str] = None
     references: Optional[List[str]] = None
+    tokens: Optional[tuple] = None
+    loss_start: Optional[int] = None
 
     @property
     def where(self) -> str:
@@ -122,7 +128,8 @@ def jsonl_files(path: str, split: Optional[str] = None) -> List[Path]:
 
 
 def read_records(path: str, split: Optional[str] = None, *, limit: Optional[int] = None,
-                 need_completion: bool = False, allow_text: bool = True) -> List[Record]:
+                 need_completion: bool = False, allow_text: bool = True,
+                 allow_tokens: bool = False) -> List[Record]:
     """Read and validate the records of a JSONL file (or of a folder's split).
 
     Args:
@@ -131,6 +138,7 @@ def read_records(path: str, split: Optional[str] = None, *, limit: Optional[int]
         need_completion: ``prompt`` and ``messages`` records must have a
             completion (training, eval).
         allow_text: accept ``text`` records (not for eval: no reference).
+        allow_tokens: accept ``tokens`` records (training only).
 
     Returns:
         The records in file order (blank lines skipped).
@@ -149,7 +157,8 @@ def read_records(path: str, split: Optional[str] = None, *, limit: Optional[int]
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
-                records.append(parse_record(line, file, number, need_completion, allow_text))
+                records.append(parse_record(line, file, number, need_completion, allow_text,
+                                            allow_tokens))
                 count += 1
                 if limit is not None and len(records) >= limit:
                     return records
@@ -159,7 +168,7 @@ def read_records(path: str, split: Optional[str] = None, *, limit: Optional[int]
 
 
 def parse_record(line: str, file: Path, number: int, need_completion: bool = False,
-                 allow_text: bool = True) -> Record:
+                 allow_text: bool = True, allow_tokens: bool = False) -> Record:
     """Validate one JSONL line (see ``read_records``)."""
     where = f"{file}:{number}"
     try:
@@ -167,11 +176,11 @@ def parse_record(line: str, file: Path, number: int, need_completion: bool = Fal
     except json.JSONDecodeError as exc:
         raise RecordError(f"{where}: not valid JSON ({exc.msg}): write {KINDS_HINT}",
                           file, number) from None
-    return to_record(record, file, number, need_completion, allow_text)
+    return to_record(record, file, number, need_completion, allow_text, allow_tokens)
 
 
 def to_record(record, file: Path, number: int, need_completion: bool = False,
-              allow_text: bool = True) -> Record:
+              allow_text: bool = True, allow_tokens: bool = False) -> Record:
     """Validate one decoded JSON value (see ``read_records``)."""
     where = f"{file}:{number}"
 
@@ -180,6 +189,17 @@ def to_record(record, file: Path, number: int, need_completion: bool = False,
 
     if not isinstance(record, dict):
         raise fail(f"expected a JSON object, got {type(record).__name__}: write {KINDS_HINT}")
+    if "tokens" in record:
+        if not allow_tokens:
+            raise fail('"tokens" records are training data (token ids): give text records here')
+        tokens, start = record["tokens"], record.get("loss_start")
+        if not isinstance(tokens, list) or not tokens or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+            raise fail('"tokens" must be a non-empty list of token ids (integers >= 0)')
+        if not isinstance(start, int) or isinstance(start, bool) or not 1 <= start <= len(tokens):
+            raise fail(f'"loss_start" must be an integer in 1..{len(tokens)} (where the answer '
+                       f'starts), got {start!r}')
+        return Record(file, number, "tokens", tokens=tuple(tokens), loss_start=start)
     references = record.get("references")
     if references is not None and ("messages" in record or "prompt" in record):
         if not isinstance(references, list) or not references or not all(

@@ -28,6 +28,14 @@ CONFIGS = {
 }
 FAMILIES = ["llama", "qwen2", "phi3", "gemma3_text", "qwen3", "mistral"]
 
+# Kernel test models: head dim 64 (a size the fused kernels serve; the models above
+# have head dim 16, which they refuse) and 2 query heads per kv head. On a Mac or a
+# CUDA GPU, the tree calls of these models take the real fused kernel.
+KERNEL_SHAPE = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+for _family in ("llama", "qwen2", "gemma3_text"):
+    _extra = {"head_dim": 64, "query_pre_attn_scalar": 64} if "head_dim" in CONFIGS[_family] else {}
+    CONFIGS[f"{_family}-d64"] = dict(CONFIGS[_family], **KERNEL_SHAPE, **_extra)
+
 
 def base_model(family: str, seed: int = 0):
     """A random mlx-lm model of ``family`` (float32)."""

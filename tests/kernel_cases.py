@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import unittest.mock
 from dataclasses import dataclass
 from typing import Optional
 
@@ -172,3 +173,58 @@ VARIANTS = sorted({c.variant for c in ALL_CASES} | set(MODEL_VARIANTS), key=lamb
 def get_emulator(flavour: str) -> emulator.Emulator:
     """The compiled emulator of ``flavour`` with every test variant (built once)."""
     return emulator.Emulator(flavour, VARIANTS)
+
+
+class FakeDevice:
+    """A stand-in for ``mx.fast.metal_kernel`` on the CPU: the launch path without a Mac.
+
+    Installed (``install``), ``launch.backend()`` says ``"metal"`` and every kernel
+    ``launch`` makes comes from ``factory``. As with MLX's JIT, a template
+    instantiation (variant) is compiled when its first launch is evaluated: here
+    the ``source`` handed to the factory is compiled for that variant under the
+    shim (``g++ -fsyntax-only``). A variant that does not compile gives outputs
+    whose evaluation raises, lazily, as a device's would; the others run on the
+    test emulator build (``get_emulator``, the shipped source).
+
+    Attributes:
+        launches: the ``emulator.Variant`` of every launch that ran, in order.
+        broken: variants whose compile failed, with the compiler's message.
+    """
+
+    def __init__(self, flavour: str = "metal") -> None:
+        self.flavour = flavour
+        self.launches: list = []
+        self.broken: dict = {}
+        self._compiled: set = set()
+
+    def install(self, monkeypatch, max_threads: int = 64) -> "FakeDevice":
+        """Route ``launch`` to this device for one test (state of ``launch`` reset)."""
+        monkeypatch.setattr(launch, "backend", lambda: self.flavour)
+        monkeypatch.setattr(mx.fast, f"{self.flavour}_kernel", self.factory)
+        monkeypatch.setattr(launch, "_kernels", {})
+        monkeypatch.setattr(launch, "_limits", {})
+        monkeypatch.setattr(launch, "_variants", {}, raising=False)
+        monkeypatch.setenv(launch.LIMIT_ENV, str(max_threads))
+        return self
+
+    def factory(self, name, input_names, output_names, source, header="", **_):
+        assert list(input_names) == list(emulator.INPUT_NAMES) and header
+        return lambda **call: self._launch(source, **call)
+
+    def _launch(self, source, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
+                **_):
+        plan = launch.LaunchPlan(tuple(inputs), tuple(template), tuple(grid), tuple(threadgroup),
+                                 tuple(output_shapes[0]), output_dtypes[0])
+        variant = emulator.Variant.of(plan)
+        if variant not in self._compiled and variant not in self.broken:
+            try:
+                with unittest.mock.patch.object(emulator, "kernel_source", lambda flavour: source):
+                    emulator.syntax_check(self.flavour, [variant])
+                self._compiled.add(variant)
+            except RuntimeError as exc:
+                self.broken[variant] = str(exc)
+        if variant in self.broken:  # raises when evaluated, not here (like a JIT build error)
+            poison = mx.linalg.inv(mx.zeros((2, 2)), stream=mx.cpu).sum()
+            return [mx.zeros(plan.output_shape, dtype=plan.output_dtype) + poison.astype(plan.output_dtype)]
+        self.launches.append(variant)
+        return [get_emulator(self.flavour).run(plan)]

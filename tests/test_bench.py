@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from .helpers import write_base, write_tokenizer
+from .helpers import CONFIGS, write_base, write_tokenizer
 from specstream_mlx.bench.run import BenchError, Run, _steps_from_flags, parse_methods, sweep_settings
 from specstream_mlx.bench.prompts import load_prompts
 from specstream_mlx.bench.report import best_sweep, summarize
@@ -36,6 +36,15 @@ def data(tmp_path_factory):
     return path
 
 
+def _weight_bytes(config: dict) -> int:
+    """Bytes of a float32 llama-like model of ``config`` (tied embeddings), from its shapes."""
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head = hidden // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * head
+    layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden
+    return 4 * (layers * layer + config["vocab_size"] * hidden + hidden)
+
+
 def _bench(args):
     return CliRunner().invoke(app, ["bench", *map(str, args)])
 
@@ -59,10 +68,28 @@ def test_bench_writes_results_table_and_plot(full_run, checkpoint):
     assert results["environment"]["mlx"] and results["environment"]["backend"] == "cpu"
     assert results["settings"]["tree"] == {"widths": [3, 2, 1], "max_nodes": 16,
                                            "prune_threshold": None}
+    # The figures against what each run did (per-prompt records in results.json): 20 tokens
+    # per prompt (no EOS from this model), the forwards each run made, its timings.
+    weights = _weight_bytes(CONFIGS["llama"])
     for name, entry in methods.items():
-        assert entry["prompts"] == 3
-        assert entry["tps"]["median"] > 0 and entry["peak_memory_gb"] > 0
-        assert entry["ttft_s"]["median"] > 0
+        runs = [p["runs"][name] for p in results["prompts"]]
+        assert entry["prompts"] == 3 and [len(r["tokens"]) for r in runs] == [20, 20, 20], name
+        assert entry["tokens"] == 60
+        forwards = sum(r["forwards"] for r in runs)
+        # ar: one forward per token; draft: tokens per target step; the SS loop counts the
+        # tokens of its decode forwards (the prefill's first token is not one of them).
+        used = {"ar": 60, "draft": 60}.get(name, 60 - 3)
+        assert entry["tokens_per_forward"] == pytest.approx(used / forwards), name
+        # each forward emits at least one token; ar exactly one
+        assert (forwards == 60) if name == "ar" else (0 < forwards <= used), (name, forwards)
+        tps = sorted(r["tps"] for r in runs)
+        assert entry["tps"]["median"] == tps[1] and entry["tps"]["min"] == tps[0] > 0
+        ttft = sorted(r["ttft_s"] for r in runs)
+        assert entry["ttft_s"]["median"] == ttft[1] and entry["ttft_s"]["min"] == ttft[0] > 0
+        assert entry["peak_memory_gb"] == max(r["peak_memory_gb"] for r in runs)
+        assert entry["peak_memory_gb"] >= weights / 1e9  # the weights it reads are counted
+        depth = entry["acceptance_by_depth"]
+        assert all(1 >= a >= b >= 0 for a, b in zip(depth, depth[1:] + [0])), (name, depth)
     assert methods["ar"]["tokens_per_forward"] == 1.0
     assert methods["ar"]["speedup"]["median"] == pytest.approx(1.0)
     assert len(methods["ss"]["acceptance_by_depth"]) == 3
@@ -72,6 +99,7 @@ def test_bench_writes_results_table_and_plot(full_run, checkpoint):
     # the draft model is a 4-bit copy: smaller than the target's float32 weights
     assert methods["draft"]["peak_memory_gb"] < 2 * methods["ar"]["peak_memory_gb"]
     device = results["device"]
+    assert device["weight_bytes"] == weights  # the float32 base model's parameters
     assert device["bandwidth_gbps"] > 0
     assert device["upper_bound_tps"] == pytest.approx(device["bandwidth_gbps"] * 1e9
                                                       / device["weight_bytes"])
@@ -88,7 +116,7 @@ def test_lossless_methods_reproduce_ar_tokens(full_run):
     results = json.loads((out / "results.json").read_text())
     for prompt in results["prompts"]:
         runs = prompt["runs"]
-        assert len(runs["ar"]["tokens"]) > 0
+        assert len(runs["ar"]["tokens"]) == 20 and runs["ar"]["forwards"] == 20
         for name in ("ss", "ss-chain", "pld", "ss-pld"):
             assert runs[name]["tokens"] == runs["ar"]["tokens"], name
     for name in ("ss", "ss-chain", "pld", "ss-pld"):

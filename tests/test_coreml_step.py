@@ -6,6 +6,7 @@ non-contiguous accepted path, every enumerated size from one trace. Needs torch.
 """
 
 import os
+import re
 from unittest.mock import patch
 
 import mlx.core as mx
@@ -166,9 +167,46 @@ def test_tree_for_size_has_exactly_that_many_nodes():
         assert (tree.parents[1:] < np.arange(1, size)).all()  # parents first
 
 
+SWIFT_SOURCES = os.path.join(os.path.dirname(__file__), "..", "apps", "SpecStreamCoreML", "Sources")
+
+
+def _swift_files() -> dict:
+    return {f: open(os.path.join(root, f)).read() for root, _, files in os.walk(SWIFT_SOURCES)
+            for f in files if f.endswith(".swift")}
+
+
+def _roles_used(files: dict) -> dict:
+    """Interface roles the Swift package reads or writes where it uses the model.
+
+    inputs: the features handed to ``model.prediction``, each named by ``iface.input(role)``;
+    outputs: the feature values read from the prediction, named by ``iface.output(role)``;
+    metadata: the ``specstream.*`` entries ``PackageInfo`` reads (by role, and the interface
+    itself under ``Interface.interfaceKey``). A ``Role`` constant that nothing uses counts for
+    nothing. States are not named: the ``MLState`` holds the whole cache.
+    """
+    role_enum = re.search(r"enum Role \{(.*?)\n\}", files["Interface.swift"], re.S).group(1)
+    constants = dict(re.findall(r'static let (\w+) = "(\w+)"', role_enum))
+    session, info = files["Session.swift"], files["Interface.swift"]
+    used = {"inputs": set(), "outputs": set(), "metadata": set()}
+    feed = re.search(r"for \(role, array\) in \[(.*?)\] \{\s*let name = try iface\.input\(role\)"
+                     r"\s*features\[name\] = array", session, re.S)
+    fed = ("let provider = try MLDictionaryFeatureProvider(dictionary: features)" in session
+           and "model.prediction(from: provider," in session)
+    if feed and fed:
+        used["inputs"] = {constants[n] for n in re.findall(r"Role\.(\w+)", feed.group(1))}
+    for var, const in re.findall(r"let (\w+) = try iface\.output\(Role\.(\w+)\)", session):
+        if f"out.featureValue(for: {var})" in session:
+            used["outputs"].add(constants[const])
+    used["metadata"] = set(re.findall(r'\b(?:value|integer|integers)\("(\w+)"\)', info))
+    key = re.search(r'static let interfaceKey = "([\w.]+)"', info)
+    if key and "metadata[Interface.interfaceKey]" in info:
+        used["metadata"].add(key.group(1))
+    return used
+
+
 def test_interface_is_what_the_module_and_the_swift_code_use():
-    """Inputs in interface.json are the step's arguments, in order; the Swift package reads
-    every role of the file."""
+    """Inputs in interface.json are the step's arguments, in order; the Swift package feeds
+    every input, reads every output and every metadata entry (states: held by its MLState)."""
     import inspect
 
     from specstream_mlx.coreml.step import StepModule
@@ -176,15 +214,26 @@ def test_interface_is_what_the_module_and_the_swift_code_use():
     spec = interface.interface()
     params = list(inspect.signature(StepModule.forward).parameters)[1:]
     assert params == [spec["inputs"][r]["name"] for r in spec["inputs"]] == list(spec["inputs"])
-    swift = os.path.join(os.path.dirname(__file__), "..", "apps", "SpecStreamCoreML", "Sources")
-    text = "".join(open(os.path.join(root, f)).read() for root, _, files in os.walk(swift)
-                   for f in files if f.endswith(".swift"))
-    for group in ("inputs", "outputs", "states", "metadata"):
-        for role in spec[group]:
-            assert f'"{role}"' in text or f" {_camel(role)}" in text, (group, role)
-    assert f"interfaceVersion = {spec['interface_version']}" in text
+    files = _swift_files()
+    used = _roles_used(files)
+    assert used["inputs"] == set(spec["inputs"])
+    assert used["outputs"] == set(spec["outputs"])
+    metadata = {spec["metadata"]["interface"]["key"] if r == "interface" else r
+                for r in spec["metadata"]}
+    assert used["metadata"] == metadata
+    session = files["Session.swift"]
+    assert "state = model.makeState()" in session and "using: state)" in session
+    assert f"interfaceVersion = {spec['interface_version']}" in files["Interface.swift"]
 
 
-def _camel(name: str) -> str:
-    first, *rest = name.split("_")
-    return first + "".join(w.capitalize() for w in rest)
+def test_interface_check_sees_a_role_the_swift_code_drops():
+    files = _swift_files()
+    full = _roles_used(files)
+    dropped = dict(files, **{"Session.swift": files["Session.swift"].replace(", (Role.commitDst, dst)", "")})
+    assert full["inputs"] - _roles_used(dropped)["inputs"] == {"commit_dst"}
+    unread = dict(files, **{"Session.swift": files["Session.swift"].replace(
+        "out.featureValue(for: streamName)", "out.featureValue(for: mainName)")})
+    assert full["outputs"] - _roles_used(unread)["outputs"] == {"stream_logits"}
+    skipped = dict(files, **{"Interface.swift": files["Interface.swift"].replace(
+        '_ = try integer("format_version")', "")})
+    assert full["metadata"] - _roles_used(skipped)["metadata"] == {"format_version"}

@@ -7,6 +7,7 @@ and long prompts, and lengths that end mid-tree. The reference is mlx-lm's own
 
 import functools
 
+import numpy as np
 import pytest
 
 from .helpers import FAMILIES, decode_tokens, random_prompt, reference_tokens, ss_model
@@ -38,7 +39,18 @@ def test_greedy_equals_mlx_lm(family, shape):
     expected = _reference(family, 24, 40)
     tokens, steps = decode_tokens(_model(family), prompt, 40, tree=SHAPES[shape])
     assert tokens == expected
-    assert len(steps) < 41  # at least one forward accepted drafts or equal count
+    # The prefill emits one token; each later forward its accepted drafts (at most the tree's
+    # depth) plus one; decoding stops at the first forward that reaches 40 tokens (its extra
+    # accepted drafts are cut by the caller). So the step count is 40 less the accepted drafts,
+    # plus that overshoot.
+    assert steps[0].prefill and steps[0].tokens == expected[:1]
+    depth = len(SHAPES[shape].widths)
+    assert all(not s.prefill and len(s.tokens) == s.accepted + 1 <= depth + 1 for s in steps[1:])
+    emitted = np.cumsum([len(s.tokens) for s in steps])
+    assert emitted[-2] < 40 <= emitted[-1]
+    overshoot = int(emitted[-1]) - 40
+    assert overshoot <= steps[-1].accepted
+    assert len(steps) == 40 - sum(s.accepted for s in steps) + overshoot
     if shape.startswith("pruned"):
         full = {"pruned-threshold": 10, "pruned-cap": 13}[shape]
         assert any(0 < s.tree_size < full for s in steps), "pruning never removed a node"

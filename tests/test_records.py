@@ -253,3 +253,15 @@ def test_bad_references_name_file_and_line(tmp_path, references):
         read_records(path)
     assert str(info.value).startswith(f"{path}:2: \"references\" must be a non-empty list")
     assert info.value.line == 2
+
+
+def test_token_records_are_training_data_only(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps({"tokens": [4, 5, 6], "loss_start": 2}) + "\n")
+    record = read_records(str(path), allow_tokens=True)[0]
+    assert (record.kind, record.tokens, record.loss_start) == ("tokens", (4, 5, 6), 2)
+    with pytest.raises(RecordError, match=r"corpus.jsonl:1: .*training data"):
+        read_records(str(path))  # bench and eval read without allow_tokens
+    path.write_text(json.dumps({"tokens": [4, True], "loss_start": 1}) + "\n")
+    with pytest.raises(RecordError, match="token ids"):
+        read_records(str(path), allow_tokens=True)

@@ -15,7 +15,7 @@ from specstream_mlx.config import SpecStreamConfig
 from specstream_mlx.train.data import DataError, Example, collate, load_examples
 from specstream_mlx.config import TreeSettings
 from specstream_mlx.families import family_for
-from specstream_mlx.forward import forward
+from specstream_mlx.forward import forward, logits
 from specstream_mlx.cache import make_cache
 from specstream_mlx.loading import fresh_model
 from specstream_mlx.train.losses import LossWeights, loss_fn, train_forward
@@ -46,18 +46,65 @@ def _successor_corpus(n=64, length=48, seed=0):
     return examples
 
 
+def _cycle(seed=0) -> dict:
+    """A successor function over 16 tokens that is a single 16-cycle: ``f^k(x) != f^(k+1)(x)``
+    for every token and every k, so the token k places ahead and the one k + 1 places ahead
+    never agree (with a random permutation, fixed points and short cycles would let them)."""
+    rng = np.random.default_rng(seed)
+    order = rng.choice(256, size=16, replace=False)
+    return {int(a): int(b) for a, b in zip(order, np.roll(order, -1))}
+
+
+def _cycle_corpus(successor: dict, n=64, length=48, seed=0):
+    rng = np.random.default_rng(seed)
+    starts = rng.choice(sorted(successor), size=n)
+    examples = []
+    for x in starts:
+        seq = []
+        for _ in range(length):
+            seq.append(int(x))
+            x = successor[int(x)]
+        examples.append(Example(tuple(seq), 0))
+    return examples
+
+
+def _ahead(successor: dict, x: int, k: int) -> int:
+    for _ in range(k):
+        x = successor[x]
+    return x
+
+
 @pytest.fixture
 def base_dir(tmp_path):
     return write_base(tmp_path / "base", "llama")
 
 
 def test_streams_learn_a_repetitive_corpus(tmp_path, base_dir):
+    """Stream j must predict the token j + 1 places ahead. Checked outside the training code:
+    the inference forward's stream logits against the corpus's own rule, on a corpus where the
+    token j or j + 2 places ahead (a target shifted by one) is always a different token."""
+    successor = _cycle()
     model = _model()
     config = TrainConfig(iters=80, batch_size=8, max_seq_len=48, learning_rate=1e-2, warmup=5,
                          report_every=80, save_every=1000)
-    figures = train(model, _successor_corpus(), config, base_dir, tmp_path / "out")
+    figures = train(model, _cycle_corpus(successor), config, base_dir, tmp_path / "out")
     for j in (1, 2, 3):
         assert figures[f"stream_{j}_acc"] > 0.8, figures
+    hits = np.zeros((3, 3))  # stream j x target offset (j, j + 1, j + 2 places ahead)
+    count = 0
+    for example in _cycle_corpus(successor, n=4, length=24, seed=99):  # unseen starts
+        tokens = list(example.tokens)
+        out = forward(model, mx.array(tokens), chain_rows(len(tokens), np.arange(len(tokens))),
+                      make_cache(4))
+        guess = np.array(mx.argmax(logits(model, out.stream_hidden), axis=-1))  # (L, 3)
+        for t in range(4, len(tokens)):  # a few tokens of context first
+            count += 1
+            for j in (1, 2, 3):
+                for col, k in enumerate((j, j + 1, j + 2)):
+                    hits[j - 1, col] += guess[t, j - 1] == _ahead(successor, tokens[t], k)
+    accuracy = hits / count
+    assert (accuracy[:, 1] > 0.8).all(), accuracy  # the right target
+    assert (accuracy[:, [0, 2]] < 0.1).all(), accuracy  # shifted by one either way: wrong
 
 
 def test_self_distilled_streams_speed_up_lossless_decoding(tmp_path, base_dir):

@@ -131,7 +131,14 @@ def test_build_mask_prefix_and_window():
 def test_tree_with_tokens_checks_length():
     with pytest.raises(AssertionError):
         build_tree((2,)).with_tokens(np.array([1, 2]))
-    assert isinstance(build_tree((2,)).with_tokens(np.array([1, 2, 3])), Tree)
+    template = build_tree((2,))
+    tree = template.with_tokens(np.array([[7], [8], [9]]))  # any shape, one token per node
+    assert type(tree) is Tree and template.tokens is None  # a new tree; the template unchanged
+    np.testing.assert_array_equal(tree.tokens, [7, 8, 9])
+    np.testing.assert_array_equal(tree.parents, [-1, 0, 0])
+    np.testing.assert_array_equal(tree.depth, [0, 1, 1])
+    np.testing.assert_array_equal(tree.rank, [-1, 0, 1])
+    np.testing.assert_array_equal(tree.mask, [[1, 0, 0], [1, 1, 0], [1, 0, 1]])
 
 
 def test_graft_chain_shares_agreeing_nodes_then_branches():

@@ -117,5 +117,8 @@ def test_table_is_small_compared_with_the_dense_mask():
     """40 nodes x 4 rows, 2048-token prefix: the table is a tiny fraction of the mask."""
     rows = tree_rows(random_parents(40, np.random.default_rng(1), False), np.arange(40))
     desc = describe(rows, 3, True)
+    assert desc.size == 160 and desc.table.shape == (160, 5)  # 3 columns + 2 words for 40 rows
+    assert desc.table.nbytes == 3200 and desc.size * (2048 + desc.size) == 353280
     assert desc.table.nbytes * 100 < desc.size * (2048 + desc.size)
-    assert isinstance(mx.array(desc.table), mx.array)
+    uploaded = mx.array(desc.table)  # what the kernel gets: uint32, unchanged
+    assert uploaded.dtype == mx.uint32 and np.array_equal(np.array(uploaded), desc.table)

@@ -12,7 +12,7 @@ from typing import List, Optional
 from .app import app
 
 # Registration: importing a command module adds its commands to ``app`` (in --help order).
-from . import generate, kernel, serve, convert, bench, coreml, train, eval  # noqa: E402,F401
+from . import generate, kernel, serve, convert, bench, coreml, train, distill, eval  # noqa: E402,F401
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -86,9 +86,11 @@ def encode_record(record: Union[Record, dict], tokenizer, use_chat_template: boo
         RecordError: the record has none of the known formats, or no completion.
     """
     if not isinstance(record, Record):
-        record = to_record(record, Path("<record>"), 1, need_completion=True)
+        record = to_record(record, Path("<record>"), 1, need_completion=True, allow_tokens=True)
     if record.kind == "text":
         return Example(tuple(tokenizer.encode(record.text)), 0)
+    if record.kind == "tokens":
+        return Example(record.tokens, record.loss_start)
     if record.completion is None:
         raise RecordError(f"{record.where}: training needs a completion: give \"completion\" "
                           f"or end \"messages\" with an \"assistant\" message",
@@ -116,15 +118,15 @@ def load_examples(path: str, tokenizer, split: str = "train",
             first bad line, or no example of at least two tokens.
     """
     examples = []
-    for record in read_records(path, split, need_completion=True):
+    for record in read_records(path, split, need_completion=True, allow_tokens=True):
         try:
             example = encode_record(record, tokenizer, use_chat_template)
         except RecordError:
             raise
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{record.where}: {exc}", record.file, record.line) from None
-        if len(example.tokens) >= 2:
-            examples.append(example)
+        if len(example.tokens) >= 2 and example.loss_start < len(example.tokens):
+            examples.append(example)  # (a distilled answer may be empty: nothing to learn)
     if not examples:
         raise DataError(f"{path} holds no example of two or more tokens: give longer texts")
     return examples
