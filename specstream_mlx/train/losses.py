@@ -186,3 +186,28 @@ def loss_fn(model: SpecStreamModel, tokens: mx.array, loss_mask: mx.array, weigh
         metrics[f"stream_{j}_acc"] = hits / mx.maximum(n, 1)
         total = total + weights.stream * metrics[f"stream_{j}_loss"]
     return total, metrics
+
+
+def main_loss(model: SpecStreamModel, examples, max_seq_len: int = 384, batch_size: int = 4) -> dict:
+    """Teacher-forced main-row cross-entropy on the examples' completion tokens.
+
+    The dev loss of a learning curve: no stream rows run (main rows never see
+    them), batches of ``batch_size``, sequences cut at ``max_seq_len``.
+
+    Returns:
+        ``{"main_loss": nats per target token, "tokens": target tokens}``.
+    """
+    from .data import collate
+
+    weights = LossWeights(main=1.0, stream=0.0, early_exit=0.0)
+    total = count = 0.0
+    for start in range(0, len(examples), batch_size):
+        indices = list(range(start, min(start + batch_size, len(examples))))
+        tokens, mask = collate(examples, indices, max_seq_len)
+        _, metrics = loss_fn(model, mx.array(tokens), mask, weights)
+        targets = float(mask[:, 1:].sum())
+        total += metrics["main_loss"].item() * targets
+        count += targets
+    if count == 0:
+        raise ValueError("no completion tokens to score: give examples with completions")
+    return {"main_loss": total / count, "tokens": int(count)}
