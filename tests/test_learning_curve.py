@@ -28,7 +28,6 @@ def test_curve_has_a_point_per_snapshot_in_step_order(tmp_path):
     points = json.loads((out / "curve.json").read_text())["points"]
     assert [p["step"] for p in points] == [100, 200]
     assert all(p["dev_loss"] > 0 and p["dev_loss_tokens"] > 0 for p in points)
-    assert points[0]["dev_loss"] != points[1]["dev_loss"] or points[0] != points[1]
     assert all(1.0 <= p["tokens_per_forward"] and len(p["acceptance_by_depth"]) == 2
                for p in points)
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
