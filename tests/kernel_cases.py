@@ -203,7 +203,7 @@ class FakeDevice:
         monkeypatch.setattr(mx.fast, f"{self.flavour}_kernel", self.factory)
         monkeypatch.setattr(launch, "_kernels", {})
         monkeypatch.setattr(launch, "_limits", {})
-        monkeypatch.setattr(launch, "_variants", {}, raising=False)
+        monkeypatch.setattr(launch, "_variants", {})
         monkeypatch.setenv(launch.LIMIT_ENV, str(max_threads))
         return self
 
