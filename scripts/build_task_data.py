@@ -49,13 +49,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
+
+from specstream_mlx.atomic import atomic_write_text
 
 DIALOGSUM_INSTRUCTION = "Summarize the following dialogue."
 E2E_INSTRUCTION = ("Write a description of the restaurant from this meaning representation "
@@ -306,19 +306,7 @@ def write_jsonl(path: Path, records: Iterable[Record]) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (a temporary sibling, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent,
-                                         prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(handle.name, 0o666 & ~umask)  # NamedTemporaryFile makes it private
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def _datasets(shared: Path, task_dir: str) -> Path:

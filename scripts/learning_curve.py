@@ -19,12 +19,12 @@ data only: the curve chooses the step that ships.
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
 import specstream_mlx  # noqa: F401  (loads OpenBLAS before mlx on Linux)
+from specstream_mlx.atomic import atomic_file, atomic_write_text
 from specstream_mlx.bench.evaluate import speed_on_prompts
 from specstream_mlx.config import TreeSettings
 from specstream_mlx.drafters import make_drafter
@@ -58,15 +58,6 @@ def measure(path: Path, dev: str, args) -> dict:
             "acceptance_by_depth": speed["val_acceptance_by_depth"]}
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def plot(points: list, out: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -86,7 +77,8 @@ def plot(points: list, out: Path, title: str) -> bool:
     right.set_ylabel("dev tokens per forward", color="tab:red")
     left.set_title(title)
     fig.tight_layout()
-    _atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return True
 
@@ -119,9 +111,8 @@ def main() -> int:
         print(f"step {step}: dev loss {figures['dev_loss']:.4f}, tokens/forward "
               f"{figures['tokens_per_forward']:.3f}, acceptance "
               + " ".join(f"{a:.2f}" for a in figures["acceptance_by_depth"]), flush=True)
-        _atomic_write(args.out / "curve.json",
-                      lambda tmp: tmp.write_text(json.dumps({"command": sys.argv, "points": points},
-                                                            indent=2) + "\n"))
+        atomic_write_text(args.out / "curve.json",
+                          json.dumps({"command": sys.argv, "points": points}, indent=2) + "\n")
     plot(points, args.out / "curve.png", args.snapshots.name)
     return 0
 

@@ -15,7 +15,6 @@ Defaults live here and nowhere else (``DEFAULT_GAMMA``, ``DEFAULT_STREAM_LAYERS`
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Optional
@@ -171,14 +170,15 @@ class SpecStreamConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "SpecStreamConfig":
         version = data.get("format_version")
-        if version in READABLE_VERSIONS and data.get("mode", DEFAULT_MODE) not in READABLE_VERSIONS[version]:
+        older = isinstance(version, int) and version in READABLE_VERSIONS
+        if older and data.get("mode") == "shared" and "shared" not in READABLE_VERSIONS[version]:
             raise CheckpointError(
                 f"{CONFIG_FILE} (format_version {version}) is a shared-mode checkpoint trained "
                 "with the old mask, where main rows attended their own streams; shared mode now "
                 "uses the paper's mask (main rows never see a stream), so its output would "
                 "change. Retrain it: `specstream-mlx train --mode shared ...`."
             )
-        if version != FORMAT_VERSION and version not in READABLE_VERSIONS:
+        if version != FORMAT_VERSION and not older:
             raise CheckpointError(
                 f"{CONFIG_FILE} has format_version {version!r}; this specstream-mlx reads "
                 f"version {FORMAT_VERSION}. Upgrade specstream-mlx or re-create the checkpoint."
@@ -215,13 +215,9 @@ def read_config(model_dir: Path) -> SpecStreamConfig:
 
 def write_config(config: SpecStreamConfig, model_dir: Path) -> None:
     """Write ``specstream.json`` into ``model_dir`` atomically (a temporary file, renamed)."""
-    path = Path(model_dir) / CONFIG_FILE
-    tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .atomic import atomic_write_text
+
+    atomic_write_text(Path(model_dir) / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def save_backend_tree(model_dir: Path, backend: str, tree: TreeSettings) -> SpecStreamConfig:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from .helpers import write_tokenizer
-from specstream_mlx.bench.evaluate import _pairs
+from specstream_mlx.bench.evaluate import _examples
 from specstream_mlx.bench.prompts import BenchError, PromptFileError, load_prompts
 from specstream_mlx.generate import encode_prompt
 from specstream_mlx.records import RecordError, read_records
@@ -87,7 +87,7 @@ def test_trailing_assistant_message_is_the_completion_for_all_three_users(tmp_pa
 
     example, = load_examples(path, tokenizer)
     bench, = load_prompts(path, tokenizer, None, 8, None)
-    (eval_prompt, reference), = _pairs(path, tokenizer, None)
+    (eval_prompt, (reference,)), = _examples(path, tokenizer, None)
 
     # One prompt: the messages before the trailing assistant message, with the
     # generation prompt; the same tokens for training, bench and eval.
@@ -104,7 +104,7 @@ def test_training_prompt_is_the_generation_prompt_with_its_bos(tmp_path, bos_tok
     path = _write(tmp_path / "chat.jsonl", CONVERSATION)
     example, = load_examples(path, bos_tokenizer)
     bench, = load_prompts(path, bos_tokenizer, None, 8, None)
-    (eval_prompt, _), = _pairs(path, bos_tokenizer, None)
+    (eval_prompt, _), = _examples(path, bos_tokenizer, None)
     assert bench.tokens[0] == 256 and encode_prompt(bos_tokenizer, eval_prompt) == bench.tokens
     assert list(example.tokens[: example.loss_start]) == bench.tokens
     assert bos_tokenizer.decode(list(example.tokens[example.loss_start:])) == "the answer\n"
@@ -119,7 +119,7 @@ def test_prompt_completion_is_a_user_and_an_assistant_message(tmp_path, tokenize
     path = _write(tmp_path / "two.jsonl", json.dumps(pair) + "\n" + json.dumps(chat) + "\n")
     first, second = load_prompts(path, tokenizer, None, 8, None)
     assert first.tokens == second.tokens == list(a.tokens[: a.loss_start])
-    assert _pairs(path, tokenizer, None) == [("<user>hi there\n<assistant>", "the answer")] * 2
+    assert _examples(path, tokenizer, None) == [("<user>hi there\n<assistant>", ["the answer"])] * 2
 
 
 def test_without_a_chat_template_the_prompt_is_the_raw_text(tmp_path, plain_tokenizer):
@@ -138,7 +138,7 @@ def test_text_records_train_on_every_token_and_are_bench_prompts(tmp_path, token
     bench, = load_prompts(path, tokenizer, None, 8, None)
     assert tokenizer.decode(bench.tokens) == "<user>abc abc\n<assistant>"
     with pytest.raises(RecordError, match=r"text.jsonl:1: expected \"prompt\" \+ \"completion\""):
-        _pairs(path, tokenizer, None)
+        _examples(path, tokenizer, None)
 
 
 def test_a_record_without_completion_is_a_bench_prompt_only(tmp_path, tokenizer):
@@ -150,7 +150,7 @@ def test_a_record_without_completion_is_a_bench_prompt_only(tmp_path, tokenizer)
     with pytest.raises(DataError, match=r"open.jsonl:2: \"messages\" ends with a \"user\" message"):
         load_examples(path, tokenizer)
     with pytest.raises(RecordError, match=r"open.jsonl:2: \"messages\" ends with a \"user\""):
-        _pairs(path, tokenizer, None)
+        _examples(path, tokenizer, None)
     _write(tmp_path / "open.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
     with pytest.raises(DataError, match=r"open.jsonl:2: \"prompt\" has no \"completion\""):
         load_examples(path, tokenizer)
@@ -185,7 +185,7 @@ def test_a_bad_line_names_file_and_line_in_every_user(tmp_path, tokenizer, line,
         load_prompts(path, tokenizer, None, 8, None)
     assert str(info.value).startswith(where) and isinstance(info.value, RecordError)
     with pytest.raises(RecordError) as info:
-        _pairs(path, tokenizer, None)
+        _examples(path, tokenizer, None)
     assert str(info.value).startswith(where)
 
 
@@ -195,7 +195,7 @@ def test_an_empty_file_is_one_clear_error(tmp_path, tokenizer, content):
     expected = f"{path} holds no records: write one JSON object per line"
     for read in (lambda: read_records(path), lambda: load_examples(path, tokenizer),
                  lambda: load_prompts(path, tokenizer, None, 8, None),
-                 lambda: _pairs(path, tokenizer, None)):
+                 lambda: _examples(path, tokenizer, None)):
         with pytest.raises(RecordError) as info:
             read()
         assert str(info.value).startswith(expected)
@@ -240,7 +240,9 @@ def test_references_are_read_for_eval_and_checked(tmp_path, tokenizer):
         ("<user>hi there\n<assistant>", ["one", "two"]),
         ("<user>hi there\n<assistant>", ["alone"]),
         ("<user>hi there\n<assistant>", ["x", "y", "z"])]
-    assert [ref for _, ref in _pairs(path, tokenizer, None)] == ["one", "alone", "x"]
+    # the completion (training's target, bench's left-out answer) stays the first reference
+    assert [r.completion for r in read_records(str(path), need_completion=True)] == [
+        "one", "alone", "x"]
     assert [r.completion for r in read_records(path)] == ["one", "alone", "x"]
 
 

@@ -487,3 +487,20 @@ def test_stream_rows_from_a_position_on_equal_the_full_forward():
     assert streams_cut.shape[1] == 13
     np.testing.assert_allclose(np.array(streams_cut), np.array(streams[:, 7:]), atol=1e-4)
     np.testing.assert_allclose(np.array(main_cut), np.array(main), atol=1e-4)
+
+
+def test_trimmed_stream_losses_equal_the_untrimmed_computation():
+    """Stream j at row t scores token t + 1 + j; trimming the early rows changes no term."""
+    from specstream_mlx.families import lm_head
+
+    model = _model(mode="shared", adapter_rank=4)
+    examples = [Example(tuple(random_prompt(20, seed=s)), start) for s, start in ((1, 12), (2, 14))]
+    tokens, mask = collate(examples, [0, 1], 32)
+    _, metrics = loss_fn(model, mx.array(tokens), mask, LossWeights(main=1.0, stream=0.1))
+    _, streams, _ = train_forward(model, mx.array(tokens))  # every row, no trimming
+    for j in (1, 2, 3):
+        rows = [(b, t) for b in range(2) for t in range(20 - 1 - j) if mask[b, t + 1 + j]]
+        hidden = mx.stack([streams[b, t, j - 1] for b, t in rows])
+        targets = mx.array([int(tokens[b, t + 1 + j]) for b, t in rows])
+        want = nn.losses.cross_entropy(lm_head(model.base, hidden), targets).mean()
+        np.testing.assert_allclose(metrics[f"stream_{j}_loss"].item(), want.item(), rtol=1e-4)

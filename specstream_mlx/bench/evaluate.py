@@ -89,25 +89,16 @@ def _same_metric(first: Optional[str], second: Optional[str]) -> bool:
     return canonical.get(first, first) == canonical.get(second, second)
 
 
-def _pairs(path: str, tokenizer, limit: Optional[int]):
-    """(formatted prompt, reference) pairs from prompt/completion or messages records.
+def _examples(path: str, tokenizer, limit: Optional[int]) -> List[Tuple[str, List[str]]]:
+    """(formatted prompt, references) of each record of an eval set.
 
-    The reference is the record's completion (``"completion"``, or the
-    trailing assistant message); the prompt is what precedes it, formatted as
-    generation does (``records.Record.prompt_text``).
+    The prompt is what precedes the completion (``"completion"``, or the
+    trailing assistant message), formatted as generation does
+    (``records.Record.prompt_text``). The references are the record's
+    ``"references"`` list when it has one, else its completion alone.
 
     Raises:
         RecordError: missing or empty file, or a bad line (names file and line).
-    """
-    records = read_records(path, limit=limit or None, need_completion=True, allow_text=False)
-    return [(record.prompt_text(tokenizer), record.completion) for record in records]
-
-
-def _examples(path: str, tokenizer, limit: Optional[int]) -> List[Tuple[str, List[str]]]:
-    """(formatted prompt, references) of each record, as ``_pairs``.
-
-    The references are the record's ``"references"`` list when it has one,
-    else its completion alone.
     """
     records = read_records(path, limit=limit or None, need_completion=True, allow_text=False)
     return [(record.prompt_text(tokenizer), record.references or [record.completion])

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..atomic import atomic_write_text
 from .app import _run, app, model_or_default
 
 
@@ -38,6 +39,6 @@ def eval_command(
         summary = {k: v for k, v in figures.items() if k not in ("scores", "outputs")}
         typer.echo(json.dumps(summary, indent=2))
         if out is not None:
-            out.write_text(json.dumps(figures, indent=2) + "\n")
+            atomic_write_text(out, json.dumps(figures, indent=2) + "\n")
 
     _run(run, ctx)

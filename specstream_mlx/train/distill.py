@@ -165,7 +165,8 @@ def read_prompts(path, tokenizer, max_tokens: int = 128,
     _positive(max_tokens, "max_tokens")
     ignore_template = not (use_chat_template and has_chat_template(tokenizer))
     prompts: List[DistillPrompt] = []
-    for file in jsonl_files(str(path)):
+    files = jsonl_files(str(path))
+    for file in files:
         with open(file, encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -188,8 +189,8 @@ def read_prompts(path, tokenizer, max_tokens: int = 128,
                 except ValueError as exc:
                     raise RecordError(f"{where}: {exc}", file, number) from None
                 prompts.append(DistillPrompt(tuple(int(t) for t in tokens), cap, where, source))
-        if not prompts:
-            raise RecordError(f"{file} holds no prompts: write {KINDS_HINT}", file)
+    if not prompts:
+        raise RecordError(f"{path} holds no prompts: write {KINDS_HINT}", Path(path))
     return prompts
 
 
