@@ -504,3 +504,12 @@ def test_trimmed_stream_losses_equal_the_untrimmed_computation():
         targets = mx.array([int(tokens[b, t + 1 + j]) for b, t in rows])
         want = nn.losses.cross_entropy(lm_head(model.base, hidden), targets).mean()
         np.testing.assert_allclose(metrics[f"stream_{j}_loss"].item(), want.item(), rtol=1e-4)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path, base_dir):
+    """A token-id corpus made for another model fails before any step, with a clear message."""
+    model = _model()
+    config = TrainConfig(iters=1, batch_size=1, max_seq_len=8, report_every=10, save_every=10)
+    with pytest.raises(ValueError, match=f"token id {VOCAB}, beyond the model's vocabulary"):
+        train(model, [Example((1, 2, VOCAB), 1)], config, base_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -231,6 +231,11 @@ def train(
     Returns:
         The last step's figures (``loss``, per-stream loss/accuracy, ``tokens_per_sec``).
     """
+    vocab = model.config.vocab_size
+    beyond = next((e for e in examples if e.tokens and max(e.tokens) >= vocab), None)
+    if beyond is not None:
+        raise ValueError(f"training data holds token id {max(beyond.tokens)}, beyond the model's "
+                         f"vocabulary of {vocab}: it was tokenized (or distilled) for another model")
     make_trainable(model, config)
     optimizer = make_optimizer(config)
     start = 0
