@@ -513,3 +513,24 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path, base_dir):
     with pytest.raises(ValueError, match=f"token id {VOCAB}, beyond the model's vocabulary"):
         train(model, [Example((1, 2, VOCAB), 1)], config, base_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_lower_cache_files_are_reused_by_the_same_model_only(tmp_path, monkeypatch):
+    """Flushed states come back for the same base and examples; another base computes its own."""
+    import specstream_mlx.train.cached as cached
+
+    model = _model(mode="shared", adapter_rank=0)
+    examples = [Example(tuple(random_prompt(n, seed=n)), 2) for n in (9, 12, 7)]
+    first = cached.LowerCache(model, examples, folder=tmp_path)
+    want = first.batch([0, 1, 2], 12)
+    first.flush()
+    assert len(list(tmp_path.rglob("lower-*.safetensors"))) == 1
+    calls = []
+    real = cached.lower_forward
+    monkeypatch.setattr(cached, "lower_forward", lambda *a: calls.append(1) or real(*a))
+    again = cached.LowerCache(model, examples[::-1], folder=tmp_path)  # other order: keyed by tokens
+    assert mx.array_equal(again.batch([2, 1, 0], 12), want).item() and calls == []
+    other = _model(mode="shared", adapter_rank=0)
+    other.base.model.embed_tokens.weight = other.base.model.embed_tokens.weight + 1.0
+    cached.LowerCache(other, examples, folder=tmp_path).batch([0], 12)
+    assert calls == [1]

@@ -26,10 +26,13 @@ this is several times cheaper than the full vocabulary. The early-exit
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import mlx.core as mx
@@ -81,11 +84,49 @@ class LowerCache:
     not seen before (together, padded at the end: attention is causal, so
     padding changes no real row) and keeps them, so the first epoch costs
     what uncached training costs and every later step skips the lower layers.
+
+    With ``folder``, ``flush`` writes the states computed since the last flush
+    to a new shard there (atomically), and a later cache over the same base
+    model reads them back, so a resumed run (next session) does not pay the
+    first epoch again. Shards live under a fingerprint of the frozen weights
+    and are keyed by each example's tokens; states of other models or other
+    examples are never used.
     """
 
-    def __init__(self, model: SpecStreamModel, examples: Sequence[Example]):
+    def __init__(self, model: SpecStreamModel, examples: Sequence[Example],
+                 folder: Optional[Path] = None):
         self.model, self.examples = model, examples
         self.states: List[Optional[mx.array]] = [None] * len(examples)  # (T_i, H) each
+        self.fresh: List[int] = []  # computed since the last flush
+        self.folder = None if folder is None else Path(folder) / _fingerprint(model)
+        if self.folder is not None and self.folder.is_dir():
+            self._read()
+
+    def _key(self, i: int) -> str:
+        return hashlib.sha1(np.asarray(self.examples[i].tokens, np.int64).tobytes()).hexdigest()
+
+    def _read(self) -> None:
+        wanted = {}
+        for i in range(len(self.examples)):
+            wanted.setdefault(self._key(i), []).append(i)
+        for shard in sorted(self.folder.glob("lower-*.safetensors")):
+            for key, state in mx.load(str(shard)).items():
+                for i in wanted.get(key, ()):
+                    self.states[i] = state
+
+    def flush(self) -> None:
+        """Write the states computed since the last flush as one new shard (no-op without a folder)."""
+        if self.folder is None or not self.fresh:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"lower-{len(list(self.folder.glob('lower-*.safetensors'))):05d}.safetensors"
+        tmp = self.folder / f".{name}.{os.getpid()}.tmp.safetensors"  # hidden from the glob
+        try:
+            mx.save_safetensors(str(tmp), {self._key(i): self.states[i] for i in self.fresh})
+            os.replace(tmp, self.folder / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.fresh = []
 
     def batch(self, indices: Sequence[int], length: int) -> mx.array:
         """The chosen examples' states, padded with zeros to ``length``: ``(B, length, H)``."""
@@ -99,6 +140,7 @@ class LowerCache:
             for row, i in enumerate(missing):
                 self.states[i] = hidden[row, : len(self.examples[i].tokens)]
             mx.eval([self.states[i] for i in missing])
+            self.fresh.extend(missing)
         rows = []
         for i in indices:
             h = self.states[int(i)][:length]
@@ -106,6 +148,21 @@ class LowerCache:
                 h = mx.concatenate([h, mx.zeros((length - h.shape[0], h.shape[1]), h.dtype)])
             rows.append(h)
         return mx.stack(rows)
+
+
+def _fingerprint(model: SpecStreamModel) -> str:
+    """A name for the frozen part below the multi-stream layers (embedding and lower layers)."""
+    from mlx.utils import tree_flatten
+
+    digest = hashlib.sha1(f"{model.first_stream_layer}:{model.config.hidden_size}".encode())
+    parts = [model.base.model.embed_tokens] + [model.layers[i] for i in range(model.first_stream_layer)]
+    for part in parts:
+        for name, value in tree_flatten(part.parameters()):
+            flat = value.reshape(-1).astype(mx.float32)
+            digest.update(name.encode())
+            digest.update(np.array([flat.sum().item(), (flat * flat).sum().item(),
+                                    flat[: 64].sum().item()], dtype=np.float64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def precompute(model: SpecStreamModel, examples: Sequence[Example]) -> List[MainStream]:

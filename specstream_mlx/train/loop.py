@@ -255,8 +255,8 @@ def train(
                                positions=config.positions)
         step_fn = nn.value_and_grad(model, objective)
     else:
-        if cached:
-            lowers = LowerCache(model, examples)
+        if cached:  # kept beside the checkpoint, so a resumed run skips the lower layers too
+            lowers = LowerCache(model, examples, folder=out.parent / f"{out.name}.lower-cache")
         step_fn = nn.value_and_grad(
             model, lambda m, t, k, low=None: loss_fn(m, t, k, config.weights, low))
     order = batch_indices(len(examples), config.batch_size, config.seed, start)
@@ -290,5 +290,7 @@ def train(
         if step % config.save_every == 0 or step == config.iters:
             save_checkpoint(model, optimizer, step, config, base_dir, out,
                             {**(extra_state or {}), "figures": figures})
+            if lowers is not None:
+                lowers.flush()
     print(file=sys.stderr)
     return figures
