@@ -1,7 +1,7 @@
 """Learning curve of a training run: dev loss and dev tokens per forward per saved step.
 
 Usage: python scripts/learning_curve.py DEV.jsonl SNAPSHOTS_DIR OUT_DIR
-           [--num 40] [--prompts 8] [--max-tokens 64] [--tree 3,2,1] [--max-nodes 16]
+           [--num 40] [--prompts 8] [--max-tokens 64] [--tree 3,2,1] [--max-nodes 16] [--title T]
 
 SNAPSHOTS_DIR holds checkpoints named ``step_N`` (as ``snapshot.sh`` in
 docs/table1.md keeps them). For each, in step order:
@@ -94,6 +94,7 @@ def main() -> int:
     parser.add_argument("--max-seq-len", type=int, default=384)
     parser.add_argument("--tree", default=None, help="tree widths, e.g. 3,2,1 (default: the checkpoint's)")
     parser.add_argument("--max-nodes", type=int, default=0, help="with --tree: node cap (0: none)")
+    parser.add_argument("--title", default=None, help="plot title (default: the snapshots folder)")
     args = parser.parse_args()
     found = snapshots(args.snapshots)
     if not found:
@@ -113,7 +114,7 @@ def main() -> int:
               + " ".join(f"{a:.2f}" for a in figures["acceptance_by_depth"]), flush=True)
         atomic_write_text(args.out / "curve.json",
                           json.dumps({"command": sys.argv, "points": points}, indent=2) + "\n")
-    plot(points, args.out / "curve.png", args.snapshots.name)
+    plot(points, args.out / "curve.png", args.title or args.snapshots.name)
     return 0
 
 
