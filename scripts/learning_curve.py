@@ -3,8 +3,8 @@
 Usage: python scripts/learning_curve.py DEV.jsonl SNAPSHOTS_DIR OUT_DIR
            [--num 40] [--prompts 8] [--max-tokens 64] [--tree 3,2,1] [--max-nodes 16] [--title T]
 
-SNAPSHOTS_DIR holds checkpoints named ``step_N`` (as ``snapshot.sh`` in
-docs/table1.md keeps them). For each, in step order:
+SNAPSHOTS_DIR holds checkpoints named ``step_N`` (as
+``scripts/snapshot_checkpoints.sh`` keeps them). For each, in step order:
 
 * dev loss: teacher-forced main-row cross-entropy on the completions of the
   first ``--num`` dev records (``train.losses.main_loss``);
