@@ -312,8 +312,8 @@ def threadgroup_limit(
     if limit is None:
         failure = KernelUnavailable(
             _variant(flavour, dtype, dim, None, sps),
-            errors[0] if errors else f"cannot run with even 32 threads per threadgroup "
-                                     f"(set SPECSTREAM_ATTENTION=reference)",
+            errors[0] if errors else "cannot run with even 32 threads per threadgroup "
+                                     "(set SPECSTREAM_ATTENTION=reference)",
         )
         _limits[key] = failure
         raise failure

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..generate import encode_prompt
 from ..prompts import has_chat_template
-from ..records import Record, RecordError, jsonl_files, read_records, to_record
+from ..records import Record, RecordError, read_records, to_record
 
 DataError = RecordError
 """A data file is missing or has a bad line (the message names file and line).
@@ -48,11 +48,6 @@ class Example:
 
     tokens: tuple
     loss_start: int
-
-
-def data_files(path: str, split: str = "train") -> List[Path]:
-    """JSONL files for ``path``: the file itself, or ``{split}.jsonl`` / all ``*.jsonl`` in a folder."""
-    return jsonl_files(path, split)
 
 
 def _chat(tokenizer, messages, add_generation_prompt=False) -> List[int]:
