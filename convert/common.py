@@ -17,6 +17,13 @@ class ConversionError(CheckpointError):
     """The input of a conversion is missing, corrupt, unsupported or inconsistent."""
 
 
+def package_data() -> Path:
+    """``specstream_mlx/data``: the trained streams and task models the package ships."""
+    import specstream_mlx  # the data sits in the package itself (convert/ is mapped elsewhere)
+
+    return Path(specstream_mlx.__file__).resolve().parent / "data"
+
+
 def say(message: str, quiet: bool = False) -> None:
     """One progress line on stderr (stdout stays free for the caller's output)."""
     if not quiet:

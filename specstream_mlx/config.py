@@ -37,6 +37,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt or does not fit its base model."""
 
 
+class ContextOverflowError(ValueError):
+    """The prompt (plus the requested tokens) does not fit the model's context."""
+
+
 @dataclass(frozen=True)
 class PruneSettings:
     """Early-exit pruning of a tree before the multi-stream layers.

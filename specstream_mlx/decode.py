@@ -19,16 +19,13 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import cache_state, commit, make_cache
+from .config import ContextOverflowError  # noqa: F401 (raised here; importable from here too)
 from .drafters import Drafter, make_drafter
 from .forward import ForwardOutput, forward, logits
 from .masks import chain_rows
 from .model import SpecStreamModel
 from .tree import subtree
 from .verify import SamplingParams, accept_greedy, accept_sampling, target_logits
-
-
-class ContextOverflowError(ValueError):
-    """The prompt (plus the requested tokens) does not fit the model's context."""
 
 
 @dataclass

@@ -58,6 +58,37 @@ def run_layers(model, h, layer_ids, block, positions, is_chain, cache, n_main=No
     lets tree / multi-stream groups take the fused attention kernel
     (``attention.layer_mask``); without it the dense mask is always used.
     """
+    owners = model.layer_owners
+    if owners is not None:  # pipeline: each stage runs its layers, then passes h to every rank
+        return _run_stages(model, h, list(layer_ids), owners, block, positions, is_chain, cache,
+                           n_main, tree_desc)
+    return _run_local(model, h, layer_ids, block, positions, is_chain, cache, n_main, tree_desc)
+
+
+def _run_stages(model, h, layer_ids, owners, block, positions, is_chain, cache, n_main, tree_desc):
+    """``run_layers`` over pipeline stages: the rank holding a run of consecutive layers
+    computes them; one ``all_sum`` (the others add zeros) gives every rank its output, so
+    every rank continues the forward with the same rows."""
+    group = model.sharding[1]
+    me = group.rank()
+    start = 0
+    while start < len(layer_ids):
+        owner = owners[layer_ids[start]]
+        end = start
+        while end < len(layer_ids) and owners[layer_ids[end]] == owner:
+            end += 1
+        if owner == me:
+            h = _run_local(model, h, layer_ids[start:end], block, positions, is_chain, cache,
+                           n_main, tree_desc)
+        else:  # zeros that still depend on h: every rank evaluates every all_sum, in order
+            h = mx.depends([mx.zeros_like(h)], [h])[0]
+        h = mx.distributed.all_sum(h, group=group)
+        start = end
+    return h
+
+
+def _run_local(model, h, layer_ids, block, positions, is_chain, cache, n_main, tree_desc):
+    """``run_layers`` on layers this process holds."""
     length = cache[0].length
     offset = rope_offset(length, positions)
     masks = {}

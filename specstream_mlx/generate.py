@@ -140,7 +140,14 @@ def stream_generate(
     tokens = encode_prompt(tokenizer, prompt)
     if drafter is None:
         drafter = make_drafter(model)
-    if seed is not None:
+    if model.sharding is not None:  # every rank the same seed, tokens and drafts (checked)
+        from .shard import RankCheck, agree_seed, check_prompt_fits
+
+        world = model.sharding[1]
+        check_prompt_fits(len(tokens) + max_tokens, max_context(model), world)
+        agree_seed(seed, world)
+        drafter = RankCheck(drafter, world)
+    elif seed is not None:
         mx.random.seed(seed)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     detokenizer = tokenizer.detokenizer

@@ -73,15 +73,40 @@ def _read_base_config(path: Path) -> dict:
     return config
 
 
-def _load_base(path: Path, dtype: Optional[mx.Dtype]):
-    """The mlx-lm model and tokenizer in ``path``, cast to ``dtype`` when given."""
+def _load_sharded(path: Path, shard: str):
+    """mlx-lm's ``sharded_load`` of ``path`` over all ranks, after checking that the model can
+    be split and that every rank has the same checkpoint (``shard``)."""
+    from mlx_lm.utils import load_model, sharded_load
+
+    from . import shard as sharding
+
+    world = sharding.group(shard)
+    lazy, _ = load_model(path, lazy=True, strict=False)
+    sharding.check_shardable(lazy, shard, world)
+    sharding.check_same_checkpoint(path, world)
+    if shard == "pipeline" and not (path / "model.safetensors.index.json").is_file():
+        # sharded_load reads the index to fetch each stage's files; one local file holds them all
+        base, config = load_model(path, lazy=True, strict=False)
+        base.model.pipeline(world)
+        mx.eval(base.parameters())
+    else:
+        groups = {"tensor_group": world} if shard == "tensor" else {"pipeline_group": world}
+        base, _, config = sharded_load(str(path), return_config=True, **groups)
+    return base, config
+
+
+def _load_base(path: Path, dtype: Optional[mx.Dtype], shard: Optional[str] = None):
+    """The mlx-lm model and tokenizer in ``path``, cast to ``dtype`` when given; split across
+    the ``mlx.launch`` ranks by ``shard`` (``"tensor"`` or ``"pipeline"``) when given."""
     from mlx_lm.utils import load_model, load_tokenizer
 
     config = _read_base_config(path)
     family = family_for(config.get("model_type"))
     try:
-        base, config = load_model(path)
+        base, config = load_model(path) if shard is None else _load_sharded(path, shard)
     except (ValueError, OSError, RuntimeError) as exc:
+        if type(exc).__name__ == "ShardError":
+            raise
         raise CheckpointError(f"could not load the model in {path}: {exc}") from None
     if dtype is None and mx.default_device() == mx.cpu:
         dtype = mx.float32  # float16/bfloat16 matmuls are slow on CPUs
@@ -145,6 +170,7 @@ def load(
     path_or_repo: str,
     dtype: Optional[mx.Dtype] = None,
     revision: Optional[str] = None,
+    shard: Optional[str] = None,
 ) -> Tuple[SpecStreamModel, object]:
     """Load a Speculative Streaming checkpoint.
 
@@ -153,6 +179,9 @@ def load(
         dtype: cast floating weights to this dtype; by default float32 on the
             CPU (half-precision matmuls are slow there) and as stored elsewhere.
         revision: hub revision, for repo ids.
+        shard: ``"tensor"`` or ``"pipeline"``: split the base model across the ranks
+            that ``mlx.launch`` started, with mlx-lm's ``sharded_load`` (``shard``);
+            the streams are loaded whole on every rank.
 
     Returns:
         ``(model, tokenizer)``: a ``SpecStreamModel`` and mlx-lm's ``TokenizerWrapper``.
@@ -160,13 +189,26 @@ def load(
     Raises:
         CheckpointError: missing, corrupt or mismatched files.
         UnsupportedArchitectureError: a ``model_type`` the runtime cannot drive.
+        shard.ShardError: ``shard`` without ``mlx.launch``, a model that cannot be split,
+            or ranks with different checkpoints.
     """
     path = resolve_path(path_or_repo, revision)
     _read_base_config(path)
     config = read_config(path)
-    base, tokenizer, _, family = _load_base(path, dtype)
+    if shard is not None:
+        from .shard import check_mode
+
+        check_mode(shard)
+    base, tokenizer, base_config, family = _load_base(path, dtype, shard)
+    owners = None
+    if shard == "pipeline":  # pad the stage's layer list; which rank holds each layer
+        from .shard import pipeline_owners
+
+        owners = pipeline_owners(base, mx.distributed.init(), base_config["num_hidden_layers"])
     _check_fits(config, base, path)
     model = SpecStreamModel(base, config, family)
+    if shard is not None:
+        model.set_sharding(shard, mx.distributed.init(), owners)
     _load_streams(model, path)
     mx.eval(model.parameters())
     return model, tokenizer

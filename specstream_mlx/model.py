@@ -72,6 +72,8 @@ class SpecStreamModel(nn.Module):
         self._config = config
         self._family = family
         self._windows = layer_windows(family, base)
+        self._sharding = None  # (mode, group) when loaded across mlx.launch ranks
+        self._owners = None  # pipeline: the rank that holds each layer
         install_positional_rope(base.model.layers)
         install_attention(base)  # tree calls may take the fused kernel
 
@@ -82,6 +84,21 @@ class SpecStreamModel(nn.Module):
     @property
     def family(self) -> Family:
         return self._family
+
+    @property
+    def sharding(self):
+        """``(mode, group)`` when the base is split across ranks (``load(..., shard=)``), else ``None``."""
+        return self._sharding
+
+    def set_sharding(self, mode: str, group, owners=None) -> None:
+        """Record a sharded load; ``owners`` (pipeline): the rank holding each layer."""
+        self._sharding = (mode, group)
+        self._owners = owners
+
+    @property
+    def layer_owners(self):
+        """Pipeline runs: ``owners[i]`` is the rank that runs layer ``i``; else ``None``."""
+        return self._owners
 
     @property
     def windows(self) -> list:

@@ -51,6 +51,8 @@ class PositionalRoPE(nn.Module):
 def install_positional_rope(layers) -> None:
     """Wrap the RoPE of every attention layer (idempotent)."""
     for layer in layers:
+        if layer is None:  # a layer another pipeline stage holds
+            continue
         attn = layer.self_attn
         if not isinstance(attn.rope, PositionalRoPE):
             attn.rope = PositionalRoPE(attn.rope)

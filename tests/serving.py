@@ -44,14 +44,17 @@ def _printable(text: str) -> bool:
 class ServerProcess:
     """``python -m specstream_mlx serve --port 0 ...`` and the port it chose."""
 
-    def __init__(self, model: Path, *args: str, env: Optional[dict] = None, timeout: float = 120):
+    def __init__(self, model: Path, *args: str, env: Optional[dict] = None, timeout: float = 120,
+                 launcher: Optional[List[str]] = None):
         self.log = tempfile.TemporaryFile()
+        command = launcher or [sys.executable, "-m", "specstream_mlx"]  # launcher: e.g. mlx.launch ...
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "specstream_mlx", "serve", "--model", str(model),
-             "--port", "0", *args],
+            [*command, "serve", "--model", str(model), "--port", "0", *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
             env=dict(os.environ, **(env or {})),
+            start_new_session=launcher is not None,  # a launcher's ranks go with it on stop()
         )
+        self.group = launcher is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline().decode() if ready else ""
         if "serving" not in line:
@@ -78,6 +81,13 @@ class ServerProcess:
         return fields
 
     def stop(self, timeout: float = 20) -> int:
+        if self.group:  # mlx.launch does not stop its ranks when it is stopped
+            import signal
+
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -32,6 +32,13 @@ def test_paired_difference_mean_and_stderr():
     assert out["examples"] == 3
     assert out["difference"] == pytest.approx(0.2)
     assert out["stderr"] == pytest.approx(math.sqrt(0.07 / 3))
+    # One of a ROUGE evaluation's two per-example score lists, by name.
+    first["scores_by_metric"] = {"rouge1": [1.0, 1.0, 1.0], "rougeL": first["scores"]}
+    second["scores_by_metric"] = {"rouge1": [0.0, 0.5, 1.0], "rougeL": second["scores"]}
+    assert paired_difference(first, second, "rouge1")["difference"] == pytest.approx(0.5)
+    assert paired_difference(first, second, "rougeL") == out
+    with pytest.raises(ValueError, match="rerun"):
+        paired_difference({"metric": "rouge", "scores": [1.0]}, second, "rouge1")
 
 
 def test_paired_difference_refuses_unpaired_results():
@@ -64,6 +71,7 @@ def test_cli_eval_stores_scores_and_no_spec_gives_the_same_text(tmp_path):
     spec, plain = figures["spec"], figures["plain"]
     assert spec["examples"] == 3 and len(spec["scores"]) == 3
     assert spec["quality"] == pytest.approx(sum(spec["scores"]) / 3)
+    assert spec["scores_by_metric"]["rougeL"] == spec["scores"] and len(spec["scores_by_metric"]["rouge1"]) == 3
     assert plain["tokens_per_forward"] == 1.0 < spec["tokens_per_forward"]
     # Lossless mode: speculative and plain decoding write the same text, so the same scores.
     assert len(spec["outputs"]) == 3 and all(spec["outputs"])

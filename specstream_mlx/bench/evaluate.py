@@ -156,7 +156,7 @@ def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional
         example's score (of ``metric``) and generated text in file order (for
         paired comparisons, ``paired_difference``). With a ROUGE metric also
         ``"rouge1"`` and ``"rougeL"``: the mean of each (``quality`` is the
-        chosen one).
+        chosen one), and ``"scores_by_metric"``: each one's per-example scores.
 
     Raises:
         ValueError: an unknown metric.
@@ -194,6 +194,7 @@ def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional
     }
     if both:
         figures.update({name: sum(values) / len(values) for name, values in rouge.items()})
+        figures["scores_by_metric"] = rouge
     figures.update({
         "tokens_per_forward": speed.tokens_per_forward,
         "generation_tps": tps / len(examples),
@@ -213,7 +214,7 @@ def _mean_and_stderr(values: Sequence[float]) -> tuple:
     return mean, math.sqrt(variance / n)
 
 
-def paired_difference(first: dict, second: dict) -> dict:
+def paired_difference(first: dict, second: dict, metric: Optional[str] = None) -> dict:
     """Mean per-example quality difference ``first - second`` and its standard error.
 
     Both results must come from ``evaluate`` on the same examples (same file
@@ -221,10 +222,16 @@ def paired_difference(first: dict, second: dict) -> dict:
     pairing removes the spread between examples, which is much larger than
     the spread between two fine-tunes of one model.
 
+    ``metric``: ``"rouge1"`` or ``"rougeL"`` compares that one of a ROUGE
+    evaluation's two scores (default: the evaluation's own metric).
+
     Raises:
         ValueError: the results lack per-example scores or cover different sets.
     """
-    a, b = first.get("scores"), second.get("scores")
+    if metric is None:
+        a, b = first.get("scores"), second.get("scores")
+    else:
+        a, b = (r.get("scores_by_metric", {}).get(metric) for r in (first, second))
     if a is None or b is None:
         raise ValueError("per-example scores missing: rerun `specstream-mlx eval` (it stores them)")
     if not a:

@@ -30,6 +30,7 @@ class Run:
     forward_tokens: int = 0
     depth_hits: List[int] = field(default_factory=list)
     peak_memory_gb: float = 0.0
+    collectives: Optional[int] = None  # collective operations issued (sharded runs only)
 
     @property
     def tps(self) -> Optional[float]:
@@ -66,6 +67,8 @@ def summarize(runs: Dict[str, List[Run]], greedy: bool, lossless: bool) -> Dict[
             "acceptance_by_depth": [h / forwards for h in hits] if forwards else [],
             "ttft_s": _quantiles([r.ttft_s for r in items]),
             "peak_memory_gb": max(r.peak_memory_gb for r in items),
+            "collectives_per_token": (sum(r.collectives for r in items) / max(sum(r.emitted for r in items), 1)
+                                      if all(r.collectives is not None for r in items) else None),
             "speedup": None, "overall_speedup": None,
             "equal_to_ar": None, "must_equal_ar": greedy and lossless and name.split()[0] in LOSSLESS,
         }
@@ -136,6 +139,12 @@ def format_table(results: dict) -> str:
             f"| {_memory(e['peak_memory_gb'])} | {_equal(e)} |")
     lines += ["", "tok/s: decoding speed after the first token; speedup: per-prompt ratio to ar; "
               "peak memory: the method's weights + the run's extra peak."]
+    counted = {n: e["collectives_per_token"] for n, e in results["methods"].items()
+               if e.get("collectives_per_token") is not None}
+    if counted:
+        lines += ["", f"sharded over {s.get('ranks')} ranks ({s.get('shard')}): collective operations per "
+                  "generated token (prefill included): "
+                  + ", ".join(f"{n} {v:.1f}" for n, v in counted.items())]
     if results.get("sweep"):
         lines += ["", format_sweep(results)]
     if results.get("device"):

@@ -91,11 +91,17 @@ class BenchSettings:
     warmup_tokens: int = 16
     system_prompt: Optional[str] = None
     ignore_chat_template: bool = False
+    shard: Optional[str] = None  # "tensor" | "pipeline": across the mlx.launch ranks
 
     def __post_init__(self):
+        from ..shard import check_mode
         from ..verify import SamplingParams
 
         check_methods(self.methods)
+        check_mode(self.shard)
+        if self.shard and "draft" in self.methods:
+            raise BenchError("draft (mlx-lm's draft-model speculation) is not run with --shard: every rank "
+                             "would hold a whole draft model; leave it out of --methods")
         if not self.methods and not self.sweep_widths:
             raise BenchError("no methods to run: give --methods or --sweep")
         at_least_one = {"max_tokens": self.max_tokens, "num_prompts": self.num_prompts,
@@ -159,6 +165,7 @@ def _steps_from_flags(flags: Sequence[bool]) -> List[int]:
 
 def _mlx_lm_runner(base, tokenizer, sampler, draft=None, num_draft: int = 3):
     import mlx_lm
+    from mlx_lm.generate import generation_stream
 
     extra = {} if draft is None else {"draft_model": draft, "num_draft_tokens": num_draft}
 
@@ -166,6 +173,9 @@ def _mlx_lm_runner(base, tokenizer, sampler, draft=None, num_draft: int = 3):
         mx.random.seed(seed)
         responses, ttft, decode_s = _timed(mlx_lm.stream_generate(
             base, tokenizer, prompt, max_tokens, sampler=sampler, **extra))
+        # mlx-lm leaves the next token's forward queued on its own stream; let it finish
+        # so that no method starts beside it (sharded runs: its collectives would interleave)
+        mx.synchronize(generation_stream)
         result = Run(_output(responses), ttft, decode_s, len(responses))
         if draft is None:
             result.forwards = result.forward_tokens = len(responses)
@@ -212,7 +222,7 @@ def _load_baselines(settings: BenchSettings, methods: Sequence[str], model, toke
     path = resolve_path(settings.model)
     base = draft = None
     if "ar" in methods or "draft" in methods:
-        base = _load_base(path, dtype)[0]
+        base = _load_base(path, dtype, settings.shard)[0]
         mx.eval(base.parameters())
     if "draft" in methods:
         if settings.draft_model:
@@ -266,10 +276,17 @@ def make_runners(settings: BenchSettings, methods, model, tokenizer, base, draft
     return runners
 
 
-def _measured(runner, prompt, max_tokens, seed, own_bytes: int) -> Run:
+def _measured(runner, prompt, max_tokens, seed, own_bytes: int, sharded: bool = False) -> Run:
     before = mx.get_active_memory()
     mx.reset_peak_memory()
-    result = runner(prompt, max_tokens, seed)
+    if sharded:
+        from ..shard import counting_collectives
+
+        with counting_collectives() as counts:
+            result = runner(prompt, max_tokens, seed)
+        result.collectives = sum(counts.values())
+    else:
+        result = runner(prompt, max_tokens, seed)
     result.peak_memory_gb = (own_bytes + max(mx.get_peak_memory() - before, 0)) / 1e9
     return result
 
@@ -300,7 +317,7 @@ def run_bench(settings: BenchSettings, device_report: bool = False,
     log(f"[bench] loading {settings.model}")
     from ..loading import load
 
-    model, tokenizer = load(settings.model)
+    model, tokenizer = load(settings.model, shard=settings.shard)
     prompts = load_prompts(settings.data, tokenizer, settings.num_prompts, settings.max_tokens,
                            max_context(model), settings.system_prompt, settings.ignore_chat_template)
     base, draft = _load_baselines(settings, methods, model, tokenizer, log)
@@ -321,7 +338,7 @@ def run_bench(settings: BenchSettings, device_report: bool = False,
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
             runs[name].append(_measured(runners[name], prompt.tokens, settings.max_tokens,
-                                        settings.seed + index, own[name]))
+                                        settings.seed + index, own[name], settings.shard is not None))
         elapsed = time.perf_counter() - start
         left = elapsed / (index + 1) * (len(prompts) - index - 1)
         log(f"[bench] prompt {index + 1}/{len(prompts)} (line {prompt.line}, "
@@ -364,6 +381,7 @@ def _settings_dict(settings: BenchSettings, model) -> dict:
     data["tree"] = {"widths": list(tree.widths), "max_nodes": tree.max_nodes,
                     "prune_threshold": tree.prune_threshold}
     data["gamma"] = model.config.gamma
+    data["ranks"] = model.sharding[1].size() if model.sharding else 1
     data["dtype"] = str(model.base.model.norm.weight.dtype).replace("mlx.core.", "")
     return data
 

@@ -27,6 +27,7 @@ class UsageError(ValueError):
 #: receives it); the command line only says which of its options was wrong.
 LIBRARY_NAMES = {
     "max_tokens": "--max-tokens",
+    "shard": "--shard",
     "temperature": "--temp",
     "top-p": "--top-p",
     "top-k": "--top-k",

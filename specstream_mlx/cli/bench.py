@@ -78,6 +78,8 @@ def bench(
     ignore_chat_template: bool = typer.Option(False, "--ignore-chat-template", help="Use the raw prompts."),
     device_report: bool = typer.Option(False, "--device-report", help="Backend, dtype, BLAS, bandwidth and the speed bound."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for results.json, results.md, results.png."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="tensor | pipeline: split the model across "
+                                        "the processes `mlx.launch` started (rank 0 writes)."),
 ):
     """Speed of SS against mlx-lm and other speculative methods: table, JSON and plot."""
 
@@ -103,12 +105,16 @@ def bench(
                 draft_model=draft_model,
                 num_draft_tokens=num_draft_tokens, pld_max_ngram=pld_ngram, pld_tokens=pld_tokens,
                 warmup_tokens=warmup_tokens, system_prompt=system_prompt,
-                ignore_chat_template=ignore_chat_template,
+                ignore_chat_template=ignore_chat_template, shard=shard,
                 **({} if chosen is None else {"methods": chosen}),
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        results = run_bench(settings, device_report)
+        from ..shard import is_main
+
+        results = run_bench(settings, device_report, **({} if is_main() else {"log": lambda _: None}))
+        if not is_main():
+            return
         results = {"command": _command_line(ctx), **results}
         files = write_outputs(results, out)
         typer.echo(format_table(results))

@@ -51,6 +51,8 @@ def generate(
     lookup: int = typer.Option(0, "--lookup", help="Also draft up to N prompt-lookup tokens per step beside the tree (0: off)."),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the statistics as JSON."),
     verbose: bool = typer.Option(False, "--verbose", help="Print backend, BLAS and dtype."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="tensor | pipeline: split the model across "
+                                        "the processes `mlx.launch` started (rank 0 prints)."),
 ):
     """Generate text, printing it as it comes, then the statistics."""
 
@@ -69,20 +71,24 @@ def generate(
         # The library's own checks, made before the load rather than after it.
         sampling = SamplingParams(temp=temp, top_p=top_p, top_k=top_k)
         TreeSettings(widths or TreeSettings().widths, max_nodes)
-        ss_model, tokenizer = load(model_or_default(model))
+        from ..shard import check_mode, is_main
+
+        check_mode(shard)
+        ss_model, tokenizer = load(model_or_default(model), shard=shard)
         tree = tree_settings(ss_model.config, widths, max_nodes, prune_threshold)
+        echo = typer.echo if is_main() else (lambda *a, **k: None)
         if verbose:
-            typer.echo(describe_runtime(ss_model, tree), err=True)
+            echo(describe_runtime(ss_model, tree), err=True)
         full = format_prompt(tokenizer, text, system_prompt, ignore_chat_template)
         drafter = make_drafter(ss_model, tree, lookup=lookup, speculative=not no_spec)
         last = None
         for last in stream_generate(
             ss_model, tokenizer, full, max_tokens, sampling=sampling, seed=seed, drafter=drafter,
         ):
-            typer.echo(last.text, nl=False)
-        typer.echo()
-        typer.echo(format_stats(last))
-        if stats_json is not None:
+            echo(last.text, nl=False)
+        echo()
+        echo(format_stats(last))
+        if stats_json is not None and is_main():
             stats_json.write_text(json.dumps(last.stats(), indent=2) + "\n")
 
     _run(run, ctx)

@@ -22,6 +22,8 @@ def serve(
     max_tokens: int = typer.Option(512, "-m", "--max-tokens", help="Limit for requests that give no max_tokens."),
     no_spec: bool = typer.Option(False, "--no-spec", help="Plain one-token decoding (baseline)."),
     watch_stdin: bool = typer.Option(False, "--watch-stdin", help="Exit when standard input closes (for apps)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="tensor | pipeline: split the model across "
+                                        "the processes `mlx.launch` started (rank 0 serves HTTP)."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
     from ..serve.http import ServerSettings, ServerStartError
@@ -33,7 +35,7 @@ def serve(
         try:
             run_server(ServerSettings(
                 model=model_or_default(model), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
-                max_tokens=max_tokens, speculative=not no_spec, watch_stdin=watch_stdin,
+                max_tokens=max_tokens, speculative=not no_spec, watch_stdin=watch_stdin, shard=shard,
             ))
         except ServerStartError as exc:
             raise UsageError(str(exc)) from None

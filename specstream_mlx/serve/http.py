@@ -52,6 +52,8 @@ class ServerSettings:
         max_tokens: the limit for requests that give no ``max_tokens``.
         speculative: ``False`` serves plain one-token decoding.
         watch_stdin: exit when standard input closes (the parent app went away).
+        shard: ``"tensor"`` or ``"pipeline"``: the model split across the ``mlx.launch``
+            ranks; rank 0 serves HTTP, the others follow its requests.
     """
 
     model: str
@@ -62,6 +64,7 @@ class ServerSettings:
     max_tokens: int = 512
     speculative: bool = True
     watch_stdin: bool = False
+    shard: Optional[str] = None
 
 
 def is_loopback(host: str) -> bool:
@@ -378,8 +381,22 @@ def serve(settings: ServerSettings) -> None:
     if settings.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {settings.max_tokens}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    channel = None
+    if settings.shard is not None:
+        from ..shard import Channel, check_mode, group, is_main
+
+        check_mode(settings.shard)
+        world = group(settings.shard)
+        if not is_main():  # no socket here: follow rank 0's requests
+            from .worker import follow
+
+            model, tokenizer = load(settings.model, shard=settings.shard)
+            follow(model, tokenizer, Channel(world), settings.speculative)
+            return
+        channel = Channel(world)
     server = make_server(settings.host, settings.port)
-    engine = Engine(lambda: load(settings.model), settings.max_queue, settings.speculative)
+    engine = Engine(lambda: load(settings.model, shard=settings.shard), settings.max_queue,
+                    settings.speculative, channel=channel)
     try:
         engine.start()
         server.app = App(engine, settings.model, settings)

@@ -10,6 +10,7 @@ went away); the worker then stops at the next token.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import threading
@@ -130,16 +131,19 @@ class Engine:
             over that bound is refused with ``QueueFullError``.
         speculative: ``False`` decodes one token per forward (baseline).
         tree: draft tree settings; default: the checkpoint's.
+        channel: a ``shard.Channel`` on rank 0 of a sharded run: each request and, per
+            token, whether to go on, are passed to the other ranks (``follow``).
     """
 
     def __init__(self, loader: Callable[[], tuple], max_queue: int = 8,
-                 speculative: bool = True, tree: Optional[TreeSettings] = None):
+                 speculative: bool = True, tree: Optional[TreeSettings] = None, channel=None):
         if max_queue < 0:
             raise ValueError(f"the queue bound must be >= 0, got {max_queue}")
         self.model = self.tokenizer = None
         self.max_queue = max_queue
         self.speculative = speculative
         self.tree = tree
+        self.channel = channel
         self._loader = loader
         self._load_error: Optional[BaseException] = None
         self._ready = threading.Event()
@@ -237,6 +241,8 @@ class Engine:
                 while not self._waiting and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
+                    if self.channel is not None:
+                        self.channel.share(None)  # the other ranks stop following
                     return
                 job = self._running = self._waiting.popleft()
             outcome = "cancelled"
@@ -262,6 +268,9 @@ class Engine:
         r = job.request
         matcher = StopMatcher(r.stop)
         mx.reset_peak_memory()
+        if self.channel is not None:
+            self.channel.share({"prompt_tokens": list(r.prompt_tokens), "max_tokens": r.max_tokens,
+                                "sampling": dataclasses.asdict(r.sampling), "seed": r.seed})
         steps = stream_generate(
             self.model, self.tokenizer, r.prompt_tokens, r.max_tokens,
             sampling=r.sampling, seed=r.seed,
@@ -271,10 +280,14 @@ class Engine:
         try:
             for last in steps:
                 if job.cancelled:
+                    if self.channel is not None:
+                        self.channel.flag(False)
                     return False
                 text, stopped = matcher.feed(last.text)
                 if text:
                     job.put("text", text)
+                if self.channel is not None:  # the other ranks go on (or stop) with this one
+                    self.channel.flag(not stopped)
                 if stopped:
                     finish = "stop"
                     break
@@ -291,6 +304,24 @@ class Engine:
             stats=_spec_stats(last, self.speculative),
         ))
         return True
+
+
+def follow(model, tokenizer, channel, speculative: bool = True, tree: Optional[TreeSettings] = None) -> None:
+    """The other ranks' side of a sharded server: run each request rank 0's ``Engine``
+    runs, token for token, until it stops; return when the server shuts down."""
+    while True:
+        request = channel.share()
+        if request is None:
+            return
+        steps = stream_generate(model, tokenizer, request["prompt_tokens"], request["max_tokens"],
+                                sampling=SamplingParams(**request["sampling"]), seed=request["seed"],
+                                drafter=make_drafter(model, tree, speculative=speculative))
+        try:
+            for _ in steps:
+                if not channel.flag():
+                    break
+        finally:
+            steps.close()
 
 
 def _spec_stats(last, speculative: bool) -> dict:
