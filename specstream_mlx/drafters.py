@@ -7,6 +7,8 @@ depend on where drafts come from, so every drafter here is lossless.
 
 * ``StreamDrafter``: the speculative streams (the method): top-k tokens of
   each stream of the last accepted node, arranged as a fixed tree.
+* ``MedusaDrafter``: the peer method, Medusa heads on the last hidden state
+  (``heads.py``), arranged in the same trees.
 * ``PlainDrafter``: no drafts; one token per forward (the ``--no-spec`` baseline).
 * ``PromptLookupDrafter``: a chain copied from earlier text (prompt lookup
   decoding, Saxena 2023; ``prompt_lookup_num_tokens`` in transformers). It
@@ -117,6 +119,35 @@ class StreamDrafter:
         scores = None if stream_logits is None else stream_logits[slot]
         self.table = _draft_table(self.model, out.stream_hidden[slot], self.depth, self.top_k,
                                   scores)
+
+
+class MedusaDrafter(StreamDrafter):
+    """Drafts from Medusa heads (``heads.py``): the same trees as the streams, top-k
+    tokens of head ``k`` at depth ``k``, read off the last accepted node's final hidden
+    state. No stream rows run; the forward holds the tree's main rows only."""
+
+    uses_streams = False
+
+    def __init__(self, model: SpecStreamModel, tree: TreeSettings) -> None:
+        heads = model.medusa
+        if heads is None:
+            raise ValueError("this checkpoint has no Medusa heads (medusa.json, medusa.safetensors): "
+                             "train them with `specstream-mlx train-heads` or draft with the streams")
+        self.heads = heads
+        depth = min(len(tree.widths), heads.config.num_heads)
+        self.shape = build_tree(tuple(tree.widths[:depth]), tree.max_nodes)
+        self.model = model
+        self.depth = self.max_depth = depth
+        self.stream_logits_depth = 0
+        self.top_k = int(self.shape.rank.max()) + 1 if self.shape.size > 1 else 1
+        self.index = mx.array(draft_token_index(self.shape, self.top_k))
+        self.rows = tree_rows(self.shape, streams=False)
+        self.prune = tree.prune
+        self.table = None
+
+    def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
+        scores = self.heads.logits(self.model.base, out.main_hidden[node])[: self.depth]  # (depth, V)
+        self.table = _draft_table(self.model, None, self.depth, self.top_k, scores)
 
 
 class PlainDrafter:
@@ -258,6 +289,7 @@ def make_drafter(
     lookup: int = 0,
     speculative: bool = True,
     lookup_ngram: int = 3,
+    source: str = "streams",
 ):
     """The drafter for a generation: the one place that maps options to a drafter.
 
@@ -270,6 +302,8 @@ def make_drafter(
             plain decoding (one token per forward); ``False`` with ``lookup``
             is prompt lookup alone.
         lookup_ngram: longest n-gram the lookup matches.
+        source: ``"streams"`` (the method) or ``"medusa"`` (the checkpoint's Medusa
+            heads, ``heads.py``: the peer method, same trees and verification).
 
     Returns:
         ``StreamDrafter``, ``StreamLookupDrafter``, ``PromptLookupDrafter`` or
@@ -283,10 +317,17 @@ def make_drafter(
         raise ValueError(f"lookup takes a number of tokens >= 0, got {lookup}")
     if lookup_ngram < 1:
         raise ValueError(f"the lookup n-gram must be >= 1, got {lookup_ngram}")
+    if source not in ("streams", "medusa"):
+        raise ValueError(f"source must be streams or medusa, got {source!r}")
     if not speculative:
         if lookup:
             return PromptLookupDrafter(model, max_ngram=lookup_ngram, num_tokens=lookup)
         return PlainDrafter(model)
+    if source == "medusa":
+        if lookup:
+            raise ValueError("lookup drafts beside the streams' tree only; draft with Medusa heads alone")
+        tree = tree_settings(model.config) if tree is None else tree
+        return MedusaDrafter(model, tree)
     tree = tree_settings(model.config) if tree is None else tree.cut(model.config.gamma)
     if lookup:
         return StreamLookupDrafter(model, tree, max_ngram=lookup_ngram, num_tokens=lookup)

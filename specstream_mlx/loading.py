@@ -209,6 +209,9 @@ def load(
     model = SpecStreamModel(base, config, family)
     if shard is not None:
         model.set_sharding(shard, mx.distributed.init(), owners)
+    from .heads import load_heads
+
+    model.set_medusa(load_heads(path, base))
     _load_streams(model, path)
     mx.eval(model.parameters())
     return model, tokenizer

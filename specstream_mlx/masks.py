@@ -145,10 +145,11 @@ def build_mask(
     return mx.array(within_window(full, positions + offset, k_pos, window))
 
 
-def tree_rows(tree: "Tree") -> Rows:
-    """Rows of a tree forward: every node drafts through its streams."""
+def tree_rows(tree: "Tree", streams: bool = True) -> Rows:
+    """Rows of a tree forward: every node drafts through its streams (``streams``), or
+    none does (drafts from elsewhere, e.g. Medusa heads on the main rows)."""
     return Rows(
         depth=tree.depth,
         ancestors=tree.mask,
-        stream_nodes=np.arange(tree.size, dtype=np.int64),
+        stream_nodes=np.arange(tree.size if streams else 0, dtype=np.int64),
     )

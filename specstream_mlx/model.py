@@ -74,6 +74,7 @@ class SpecStreamModel(nn.Module):
         self._windows = layer_windows(family, base)
         self._sharding = None  # (mode, group) when loaded across mlx.launch ranks
         self._owners = None  # pipeline: the rank that holds each layer
+        self._medusa = None  # heads.MedusaHeads stored beside the checkpoint, if any (not a parameter)
         install_positional_rope(base.model.layers)
         install_attention(base)  # tree calls may take the fused kernel
 
@@ -94,6 +95,14 @@ class SpecStreamModel(nn.Module):
         """Record a sharded load; ``owners`` (pipeline): the rank holding each layer."""
         self._sharding = (mode, group)
         self._owners = owners
+
+    @property
+    def medusa(self):
+        """The Medusa heads loaded with the checkpoint (``heads.py``), or ``None``."""
+        return self._medusa
+
+    def set_medusa(self, heads) -> None:
+        self._medusa = heads
 
     @property
     def layer_owners(self):

@@ -158,3 +158,21 @@ def test_bad_sampling_settings():
         SamplingParams(temp=-1)
     with pytest.raises(ValueError, match="top-p"):
         SamplingParams(temp=1, top_p=2)
+
+
+def test_medusa_sampling_matches_model_distribution(monkeypatch):
+    """Medusa heads' drafts go through the same tree rejection sampling: the rule stays exact."""
+    from specstream_mlx.heads import MedusaHeads, heads_config_for
+
+    _fixed_drafts(monkeypatch)  # fixed, often-right drafts from the heads' table too
+    model = _model()
+    # fresh heads (any heads will do: the drafts are fixed above); the model is shared, so
+    # the attribute is put back after the test
+    monkeypatch.setattr(model, "_medusa", MedusaHeads(heads_config_for(model.base, 2)))
+    drafter = lambda: drafters.make_drafter(model, TreeSettings((3, 2), None), source="medusa")  # noqa: E731
+    assert isinstance(drafter(), drafters.MedusaDrafter)
+    samples, accepted = _sample_runs(3, seed=3, drafter=drafter)
+    assert accepted > RUNS // 5
+    for position in range(3):
+        p = _p_value(samples[:, position], _marginals()[position])
+        assert p > 1e-3, f"token {position + 1}: p = {p:.2e}"

@@ -10,7 +10,9 @@ Methods (``METHODS``):
 * ``ss-pld``: the ``ss`` tree plus a prompt-lookup chain in the same forward
   (``drafters.StreamLookupDrafter``);
 * ``draft``: mlx-lm's speculative decoding with a draft model (default: a 4-bit
-  quantized copy of the target).
+  quantized copy of the target);
+* ``medusa``: the checkpoint's Medusa heads (``heads.py``; the peer method) with the
+  ``ss`` tree and the same verification (only on request: it needs the heads).
 
 Every method runs on the same prompts, interleaved prompt by prompt (the order
 rotates from one prompt to the next) after a warm-up, so machine drift hits all
@@ -41,7 +43,9 @@ from ..drafters import make_drafter
 from ..generate import max_context, stream_generate
 from ..tree import build_tree
 
-METHODS = ("ar", "ss", "ss-chain", "pld", "ss-pld", "draft")
+METHODS = ("ar", "ss", "ss-chain", "pld", "ss-pld", "draft", "medusa")
+#: What runs without --methods (medusa needs a checkpoint with Medusa heads).
+DEFAULT_METHODS = ("ar", "ss", "ss-chain", "pld", "ss-pld", "draft")
 
 
 def check_methods(names: Sequence[str]) -> List[str]:
@@ -78,7 +82,7 @@ class BenchSettings:
     temp: float = 0.0
     top_p: float = 0.0
     seed: int = 0
-    methods: Sequence[str] = METHODS
+    methods: Sequence[str] = DEFAULT_METHODS
     tree_widths: Optional[tuple] = None  # ss tree; None: the checkpoint's default
     max_nodes: Optional[int] = None
     prune_threshold: Optional[float] = None
@@ -269,6 +273,8 @@ def make_runners(settings: BenchSettings, methods, model, tokenizer, base, draft
             runners[name] = _ss_runner(model, tokenizer, settings, speculative=False, **lookup)
         elif name == "ss-pld":
             runners[name] = _ss_runner(model, tokenizer, settings, tree=tree, **lookup)
+        elif name == "medusa":  # the checkpoint's Medusa heads, same tree and verification
+            runners[name] = _ss_runner(model, tokenizer, settings, tree=tree, source="medusa")
     for sweep_tree in sweep_settings(settings.sweep_widths, settings.sweep_max_nodes,
                                      model.config.gamma):
         runners[f"ss {tree_label(sweep_tree)}"] = _ss_runner(model, tokenizer, settings,

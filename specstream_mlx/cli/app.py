@@ -28,6 +28,8 @@ class UsageError(ValueError):
 LIBRARY_NAMES = {
     "max_tokens": "--max-tokens",
     "shard": "--shard",
+    "num_heads": "--num-heads",
+    "source": "--drafts",
     "temperature": "--temp",
     "top-p": "--top-p",
     "top-k": "--top-k",

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..config import DEFAULT_ADAPTER_RANK, DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_STREAM_LAYERS, MODES
-from .app import UsageError, _run, app
+from .app import UsageError, _run, app, model_or_default
 
 
 @app.command()
@@ -113,5 +113,42 @@ def train(
                             resume=out if resume else None, validate=validate, cached=use_cache,
                             extra_state={"fresh_streams": fresh})
         typer.echo(json.dumps(figures, indent=2))
+
+    _run(run, ctx)
+
+
+@app.command("train-heads")
+def train_heads_command(
+    ctx: typer.Context,
+    model: str = typer.Option(..., "--model", help="Checkpoint (or plain mlx-lm model) whose base the heads draft for."),
+    data: str = typer.Option(..., "--data", help="JSONL file or folder (train.jsonl), as for train."),
+    out: Path = typer.Option(..., "--out", help="Output checkpoint: --model's files plus medusa.json/.safetensors."),
+    num_heads: int = typer.Option(3, "--num-heads", help="Medusa heads (head k drafts k+1 tokens ahead)."),
+    iters: int = typer.Option(1000, help="Training steps."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_seq_len: int = typer.Option(512, "--max-seq-len"),
+    learning_rate: float = typer.Option(1e-3, "--learning-rate"),
+    warmup: int = typer.Option(20, help="Linear warm-up steps."),
+    save_every: int = typer.Option(100, "--save-every"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    seed: int = typer.Option(0),
+):
+    """Train Medusa heads (the peer method) on a frozen base: lossless drafting with `--drafts medusa`."""
+
+    def run():
+        from ..loading import load, resolve_path
+        from ..train.data import load_examples
+        from ..train.heads import HeadsTrainConfig, train_heads
+
+        config = HeadsTrainConfig(num_heads=num_heads, iters=iters, batch_size=batch_size,
+                                  max_seq_len=max_seq_len, learning_rate=learning_rate, warmup=warmup,
+                                  seed=seed, save_every=save_every)
+        if out.exists() and not resume:
+            raise UsageError(f"{out} exists: pass --resume to continue it, or choose another --out")
+        source = resolve_path(model_or_default(model))
+        ss_model, tokenizer = load(str(source))
+        examples = load_examples(data, tokenizer)
+        figures = train_heads(ss_model, examples, config, source, out, resume=resume)
+        typer.echo(json.dumps({"out": str(out), **figures}, indent=2))
 
     _run(run, ctx)

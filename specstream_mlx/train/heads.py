@@ -1,0 +1,195 @@
+"""Training Medusa heads (``heads.py``) on a frozen base: the peer method's trainer.
+
+The base model is frozen (Medusa-1: lossless), so every example's final hidden
+states are computed once (the whole-model version of the streams' cached
+training) and each step runs only the heads and the shared LM head. Head ``k``
+at position ``t`` is trained with cross-entropy against token ``t + 1 + k`` on
+the completion positions, the loss averaged over heads.
+
+Checkpoints (every ``save_every`` steps, atomically) are the input checkpoint's
+files plus ``medusa.json``/``medusa.safetensors`` and the optimizer state, so
+``--resume`` continues exactly and the output loads as a model with heads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..atomic import atomic_dir
+from ..config import CheckpointError
+from ..families import lm_head
+from ..heads import HEADS_CONFIG, HEADS_WEIGHTS, MedusaHeads, heads_config_for, save_heads
+from ..model import SpecStreamModel
+from .data import Example, batch_indices, collate
+
+STATE = "medusa_state.json"
+STATE_WEIGHTS = "medusa_state.safetensors"
+
+
+@dataclass
+class HeadsTrainConfig:
+    num_heads: int = 3
+    iters: int = 1000
+    batch_size: int = 8
+    max_seq_len: int = 512
+    learning_rate: float = 1e-3
+    warmup: int = 20
+    seed: int = 0
+    save_every: int = 100
+    report_every: int = 10
+
+    def __post_init__(self):
+        for name in ("num_heads", "iters", "batch_size", "max_seq_len", "save_every", "report_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+
+
+def final_hidden(model: SpecStreamModel, examples: List[Example], max_seq_len: int) -> List[mx.array]:
+    """Each example's final-norm hidden states ``(T, H)`` (the frozen base, computed once)."""
+    states, tic = [], time.perf_counter()
+    for i, example in enumerate(examples, start=1):
+        tokens = mx.array(np.asarray(example.tokens[:max_seq_len], np.int32))[None]
+        h = model.base.model(tokens)[0]  # mlx-lm's model: embeddings, layers, final norm
+        mx.eval(h)
+        states.append(h)
+        if i % 50 == 0 or i == len(examples):
+            print(f"\r[medusa] hidden states {i}/{len(examples)} "
+                  f"({i / (time.perf_counter() - tic):.1f}/s)", file=sys.stderr, end="", flush=True)
+    print(file=sys.stderr)
+    return states
+
+
+def heads_loss(heads: MedusaHeads, base, hidden: mx.array, tokens: mx.array, mask: np.ndarray):
+    """Mean over heads of head ``k``'s cross-entropy against token ``t + 1 + k``.
+
+    Args:
+        hidden: ``(B, T, H)`` final hidden states; tokens: ``(B, T)``; mask: ``(B, T)`` bool,
+            True on target tokens.
+
+    Returns:
+        ``(loss, metrics)`` with ``head_k_loss`` and ``head_k_acc`` (top-1 accuracy).
+    """
+    total, metrics, used = mx.array(0.0), {}, 0
+    length = tokens.shape[1]
+    for k in range(1, heads.config.num_heads + 1):
+        shift = 1 + k
+        if length <= shift:
+            break
+        rows = np.flatnonzero(mask[:, shift:])
+        if rows.size == 0:
+            continue
+        index = mx.array(rows.astype(np.int32))
+        picked = hidden[:, : length - shift].reshape(-1, hidden.shape[-1])[index]  # (n, H)
+        wanted = tokens[:, shift:].reshape(-1)[index]
+        logits = lm_head(base, heads.blocks[k - 1](picked)).astype(mx.float32)
+        loss = nn.losses.cross_entropy(logits, wanted).mean()
+        metrics[f"head_{k}_loss"] = loss
+        metrics[f"head_{k}_acc"] = (mx.argmax(logits, axis=-1) == wanted).mean()
+        total, used = total + loss, used + 1
+    return total / max(used, 1), metrics
+
+
+def _optimizer(config: HeadsTrainConfig) -> optim.Optimizer:
+    decay = optim.cosine_decay(config.learning_rate, max(config.iters - config.warmup, 1), config.learning_rate * 0.1)
+    if config.warmup:
+        schedule = optim.join_schedules([optim.linear_schedule(1e-7, config.learning_rate, config.warmup), decay],
+                                        [config.warmup])
+    else:
+        schedule = decay
+    return optim.AdamW(learning_rate=schedule, weight_decay=0.0)
+
+
+def _save(heads, optimizer, step: int, config: HeadsTrainConfig, source: Path, out: Path, figures: dict) -> None:
+    with atomic_dir(out) as tmp:
+        for item in source.iterdir():
+            if not item.is_file() or item.name.startswith(".") or item.name in (
+                    HEADS_CONFIG, HEADS_WEIGHTS, STATE, STATE_WEIGHTS) or item.name.startswith("training_state"):
+                continue
+            try:
+                os.link(item, tmp / item.name)
+            except OSError:
+                shutil.copy2(item, tmp / item.name)
+        save_heads(heads, tmp)
+        mx.save_safetensors(str(tmp / STATE_WEIGHTS), dict(tree_flatten(optimizer.state)))
+        (tmp / STATE).write_text(json.dumps({"step": step, "config": asdict(config), "source": str(source),
+                                             "figures": figures}, indent=2) + "\n")
+
+
+def train_heads(model: SpecStreamModel, examples: List[Example], config: HeadsTrainConfig,
+                source: Path, out: Path, resume: bool = False) -> dict:
+    """Train Medusa heads for ``model``'s frozen base and write checkpoints to ``out``.
+
+    Args:
+        source: the checkpoint folder ``model`` was loaded from (its files are reused).
+        resume: continue from the checkpoint in ``out``.
+
+    Returns:
+        The last report's figures.
+    """
+    vocab = model.base.args.vocab_size
+    if any(e.tokens and max(e.tokens) >= vocab for e in examples):
+        raise ValueError(f"training data holds token ids beyond the model's vocabulary of {vocab}")
+    examples = [Example(e.tokens[: config.max_seq_len], e.loss_start) for e in examples
+                if e.loss_start < min(len(e.tokens), config.max_seq_len) - 2]
+    if not examples:
+        raise ValueError(f"no example has two completion tokens within max_seq_len {config.max_seq_len}")
+    heads = MedusaHeads(heads_config_for(model.base, config.num_heads))
+    optimizer = _optimizer(config)
+    start = 0
+    if resume:
+        state_file = Path(out) / STATE
+        if not state_file.is_file():
+            raise CheckpointError(f"{out} has no {STATE}: nothing to resume")
+        from ..heads import load_heads
+
+        loaded = load_heads(out, model.base)
+        if loaded is None or loaded.config.num_heads != config.num_heads:
+            raise CheckpointError(f"{out} holds heads that do not match num_heads {config.num_heads}")
+        heads = loaded
+        optimizer.init(heads.trainable_parameters())
+        optimizer.state = tree_unflatten(list(mx.load(str(Path(out) / STATE_WEIGHTS)).items()))
+        start = int(json.loads(state_file.read_text())["step"])
+    hidden = final_hidden(model, examples, config.max_seq_len)
+    step_fn = nn.value_and_grad(heads, lambda h, x, t, m: heads_loss(h, model.base, x, t, m))
+    order = batch_indices(len(examples), config.batch_size, config.seed, start)
+    figures, seen, tic = {}, 0, time.perf_counter()
+    for step in range(start + 1, config.iters + 1):
+        indices = next(order)
+        tokens, mask = collate(examples, indices, config.max_seq_len)
+        width = tokens.shape[1]
+        batch = mx.stack([mx.pad(hidden[i][:width], [(0, width - min(width, hidden[i].shape[0])), (0, 0)])
+                          for i in indices])
+        (loss, metrics), grads = step_fn(heads, batch, mx.array(tokens), mask)
+        optimizer.update(heads, grads)
+        mx.eval(heads.parameters(), optimizer.state, loss, metrics)
+        seen += int(mask.sum())
+        if step % config.report_every == 0 or step == config.iters:
+            tps = seen / (time.perf_counter() - tic)
+            figures = {"step": step, "loss": loss.item(), "target_tokens_per_sec": tps,
+                       **{k: v.item() for k, v in metrics.items()}}
+            accs = " ".join(f"h{k}={figures.get(f'head_{k}_acc', 0):.0%}" for k in range(1, config.num_heads + 1))
+            print(f"\r[medusa] {step}/{config.iters} loss={figures['loss']:.3f} {accs} "
+                  f"lr={float(optimizer.learning_rate):.1e} {tps:.0f} targets/s", file=sys.stderr, end="",
+                  flush=True)
+            seen, tic = 0, time.perf_counter()
+        if step % config.save_every == 0 or step == config.iters:
+            _save(heads, optimizer, step, config, Path(source), Path(out), figures)
+    print(file=sys.stderr)
+    return figures
