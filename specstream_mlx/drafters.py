@@ -9,6 +9,8 @@ depend on where drafts come from, so every drafter here is lossless.
   each stream of the last accepted node, arranged as a fixed tree.
 * ``MedusaDrafter``: the peer method, Medusa heads on the last hidden state
   (``heads.py``), arranged in the same trees.
+* ``EagleDrafter``: the other peer, an EAGLE-style one-layer head that drafts
+  features autoregressively (``eagle.py``), arranged in the same trees.
 * ``PlainDrafter``: no drafts; one token per forward (the ``--no-spec`` baseline).
 * ``PromptLookupDrafter``: a chain copied from earlier text (prompt lookup
   decoding, Saxena 2023; ``prompt_lookup_num_tokens`` in transformers). It
@@ -148,6 +150,100 @@ class MedusaDrafter(StreamDrafter):
     def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
         scores = self.heads.logits(self.model.base, out.main_hidden[node])[: self.depth]  # (depth, V)
         self.table = _draft_table(self.model, None, self.depth, self.top_k, scores)
+
+
+class EagleDrafter:
+    """Drafts with an EAGLE-style head (``eagle.py``): depth by depth, each node's children
+    are the top tokens of the head's prediction *given that node's token*.
+
+    The head keeps its own one-layer cache of (true feature, next token) pairs of the
+    accepted text. Per step: the pairs of the path the last forward accepted are
+    committed (their features are the base model's, read from that forward), the last
+    one predicts the root's feature, and each further depth runs the head once on all
+    drafted nodes so far (pending rows, a tree mask) to predict theirs. Everything stays
+    on the device; the topology is ``tree.build_tree``'s, so verification is unchanged.
+    """
+
+    uses_streams = False
+    stream_logits_depth = 0
+
+    def __init__(self, model: SpecStreamModel, tree: TreeSettings) -> None:
+        from .cache import LayerCache
+
+        if model.eagle is None:
+            raise ValueError("this checkpoint has no EAGLE head (eagle.json, eagle.safetensors): train "
+                             "one with `specstream-mlx train-eagle` or draft with the streams")
+        self.model, self.head = model, model.eagle
+        self.shape = build_tree(tuple(tree.widths), tree.max_nodes)
+        self.max_depth = self.shape.max_depth
+        self.rows = tree_rows(self.shape, streams=False)
+        self.cache = LayerCache()
+        self.top_k = int(self.shape.rank.max()) + 1 if self.shape.size > 1 else 1
+        self.features = None  # (n, H): base features of the accepted path, root's parent last
+        self.last_shape = None  # the topology the observed forward verified (None: a prompt chunk)
+
+    def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
+        assert out.kept is None, "EAGLE drafts are not pruned"
+        if self.last_shape is None:  # the prompt: every row up to ``node``
+            path = np.arange(node + 1)
+        else:
+            path, v = [], node
+            while v >= 0:
+                path.append(v)
+                v = int(self.last_shape.parents[v])
+            path = np.array(path[::-1])
+        self.features = out.main_hidden[mx.array(path)]
+
+    def _run(self, features, tokens, mask, positions, commit: bool) -> mx.array:
+        out = self.head(self.model.base, self.model.family, features[None], tokens[None], mask,
+                        self.cache, positions)[0]
+        if commit:
+            self.cache.commit(np.arange(tokens.shape[0]))
+        return out
+
+    def propose(self, history: List[int], budget: int) -> Draft:
+        n = self.features.shape[0]
+        # (f_i, x_{i+1}) for the accepted positions: the last pair predicts the root's feature.
+        nxt = mx.array(np.asarray(history[-n:], np.int32))
+        length = self.cache.length
+        causal = np.tril(np.ones((n, n), dtype=bool))
+        mask = mx.array(np.concatenate([np.ones((n, length), bool), causal], axis=1))
+        predicted = self._run(self.features, nxt, mask, np.arange(n), commit=True)[-1:]  # (1, H)
+        shape = self.shape
+        self.last_shape = shape
+        if shape.size == 1:
+            return Draft(shape, self.rows, mx.zeros((0,), mx.int32))
+        tokens = [None] * shape.size
+        feats = [None] * shape.size  # predicted feature at each node (what its children come from)
+        feats[0] = predicted[0]
+        for depth in range(1, shape.max_depth + 1):
+            parents = sorted({int(shape.parents[v]) for v in range(shape.size) if shape.depth[v] == depth})
+            scores = self.head.logits(self.model.base, mx.stack([feats[p] for p in parents]))  # (P, V)
+            top = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
+            order = mx.argsort(-mx.take_along_axis(scores, top, axis=-1), axis=-1)
+            best = mx.take_along_axis(top, order, axis=-1)  # (P, top_k), best first
+            where = {p: i for i, p in enumerate(parents)}
+            level = [v for v in range(shape.size) if shape.depth[v] == depth]
+            for v in level:
+                tokens[v] = best[where[int(shape.parents[v])], int(shape.rank[v])]
+            if depth == shape.max_depth:
+                break
+            # one head run over every drafted node so far (depth 1..depth): (f_parent, token)
+            nodes = [v for v in range(1, shape.size) if shape.depth[v] <= depth]
+            index = {v: i for i, v in enumerate(nodes)}
+            block = np.zeros((len(nodes), len(nodes)), dtype=bool)
+            for i, v in enumerate(nodes):
+                u = v
+                while u > 0:
+                    block[i, index[u]] = True
+                    u = int(shape.parents[u])
+            mask = mx.array(np.concatenate([np.ones((len(nodes), self.cache.length), bool), block], axis=1))
+            out = self._run(mx.stack([feats[int(shape.parents[v])] for v in nodes]),
+                            mx.stack([tokens[v] for v in nodes]).astype(mx.int32), mask,
+                            np.array([int(shape.depth[v]) - 1 for v in nodes]), commit=False)
+            for i, v in enumerate(nodes):
+                feats[v] = out[i]
+        return Draft(shape, self.rows, mx.stack(tokens[1:]).astype(mx.int32))
 
 
 class PlainDrafter:
@@ -302,8 +398,9 @@ def make_drafter(
             plain decoding (one token per forward); ``False`` with ``lookup``
             is prompt lookup alone.
         lookup_ngram: longest n-gram the lookup matches.
-        source: ``"streams"`` (the method) or ``"medusa"`` (the checkpoint's Medusa
-            heads, ``heads.py``: the peer method, same trees and verification).
+        source: ``"streams"`` (the method), ``"medusa"`` (the checkpoint's Medusa
+            heads, ``heads.py``) or ``"eagle"`` (its EAGLE-style head, ``eagle.py``): the
+            peer methods, with the same trees and verification.
 
     Returns:
         ``StreamDrafter``, ``StreamLookupDrafter``, ``PromptLookupDrafter`` or
@@ -317,17 +414,17 @@ def make_drafter(
         raise ValueError(f"lookup takes a number of tokens >= 0, got {lookup}")
     if lookup_ngram < 1:
         raise ValueError(f"the lookup n-gram must be >= 1, got {lookup_ngram}")
-    if source not in ("streams", "medusa"):
-        raise ValueError(f"source must be streams or medusa, got {source!r}")
+    if source not in ("streams", "medusa", "eagle"):
+        raise ValueError(f"source must be streams, medusa or eagle, got {source!r}")
     if not speculative:
         if lookup:
             return PromptLookupDrafter(model, max_ngram=lookup_ngram, num_tokens=lookup)
         return PlainDrafter(model)
-    if source == "medusa":
+    if source in ("medusa", "eagle"):
         if lookup:
-            raise ValueError("lookup drafts beside the streams' tree only; draft with Medusa heads alone")
+            raise ValueError(f"lookup drafts beside the streams' tree only; draft with {source} alone")
         tree = tree_settings(model.config) if tree is None else tree
-        return MedusaDrafter(model, tree)
+        return MedusaDrafter(model, tree) if source == "medusa" else EagleDrafter(model, tree)
     tree = tree_settings(model.config) if tree is None else tree.cut(model.config.gamma)
     if lookup:
         return StreamLookupDrafter(model, tree, max_ngram=lookup_ngram, num_tokens=lookup)

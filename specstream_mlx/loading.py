@@ -209,9 +209,11 @@ def load(
     model = SpecStreamModel(base, config, family)
     if shard is not None:
         model.set_sharding(shard, mx.distributed.init(), owners)
+    from .eagle import load_eagle
     from .heads import load_heads
 
     model.set_medusa(load_heads(path, base))
+    model.set_eagle(load_eagle(path, base))
     _load_streams(model, path)
     mx.eval(model.parameters())
     return model, tokenizer

@@ -75,6 +75,7 @@ class SpecStreamModel(nn.Module):
         self._sharding = None  # (mode, group) when loaded across mlx.launch ranks
         self._owners = None  # pipeline: the rank that holds each layer
         self._medusa = None  # heads.MedusaHeads stored beside the checkpoint, if any (not a parameter)
+        self._eagle = None  # eagle.EagleHead stored beside the checkpoint, if any (not a parameter)
         install_positional_rope(base.model.layers)
         install_attention(base)  # tree calls may take the fused kernel
 
@@ -103,6 +104,14 @@ class SpecStreamModel(nn.Module):
 
     def set_medusa(self, heads) -> None:
         self._medusa = heads
+
+    @property
+    def eagle(self):
+        """The EAGLE-style head loaded with the checkpoint (``eagle.py``), or ``None``."""
+        return self._eagle
+
+    def set_eagle(self, head) -> None:
+        self._eagle = head
 
     @property
     def layer_owners(self):

@@ -25,7 +25,7 @@ RANKS = {
     # 1-6. The core, flat in specstream_mlx/, in dependency order.
     "_blas": 1, "atomic": 1, "config": 1, "families": 1, "rope": 1, "masks": 1,
     "tree": 1, "treedesc": 1, "prompts": 1, "records": 1,
-    "attention": 2, "cache": 2, "model": 2, "shard": 2, "heads": 2,
+    "attention": 2, "cache": 2, "model": 2, "shard": 2, "heads": 2, "eagle": 2,
     "forward": 3, "loading": 3,
     "verify": 4, "drafters": 4,
     "decode": 5,

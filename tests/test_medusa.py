@@ -40,10 +40,10 @@ def test_medusa_needs_heads_and_takes_no_lookup():
     with pytest.raises(ValueError, match="no Medusa heads .* train-heads"):
         make_drafter(model, source="medusa")
     model.set_medusa(_random_heads(model))
-    with pytest.raises(ValueError, match="Medusa heads alone"):
+    with pytest.raises(ValueError, match="draft with medusa alone"):
         make_drafter(model, source="medusa", lookup=2)
-    with pytest.raises(ValueError, match="source must be streams or medusa"):
-        make_drafter(model, source="eagle")
+    with pytest.raises(ValueError, match="source must be streams, medusa or eagle"):
+        make_drafter(model, source="hydra")
 
 
 def test_head_files_must_match_the_base(tmp_path):
@@ -111,7 +111,7 @@ def test_train_heads_learns_the_base_and_drafts_through_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["generate", "--model", str(ckpt), "--drafts", "medusa", "-p", "go 1"])
     assert result.exit_code != 0 and "no Medusa heads" in result.output
-    result = runner.invoke(app, ["generate", "--model", str(ckpt), "--drafts", "eagle", "-p", "go 1"])
+    result = runner.invoke(app, ["generate", "--model", str(ckpt), "--drafts", "hydra", "-p", "go 1"])
     assert result.exit_code == 2 and "--drafts" in result.output
 
 

@@ -176,3 +176,28 @@ def test_medusa_sampling_matches_model_distribution(monkeypatch):
     for position in range(3):
         p = _p_value(samples[:, position], _marginals()[position])
         assert p > 1e-3, f"token {position + 1}: p = {p:.2e}"
+
+
+def test_eagle_sampling_matches_model_distribution(monkeypatch):
+    """EAGLE drafts (children chosen per parent) go through the same rejection sampling."""
+    from specstream_mlx.eagle import EagleHead, eagle_config_for
+
+    model = _model()
+    head = EagleHead(model.base, eagle_config_for(model.base))
+    marginals = _marginals()
+    vocab = model.base.args.vocab_size
+    fixed = []
+    for position in (1, 2):  # often-right drafts, as for the streams: the likeliest tokens first
+        ranked = sorted(marginals[position], key=marginals[position].get, reverse=True)[:3]
+        row = np.zeros(vocab, np.float32)
+        row[ranked] = [3.0, 2.0, 1.0][: len(ranked)]
+        fixed.append(mx.array(row))
+    # depth 1 asks for the root's row (1 parent), depth 2 for the 3 depth-1 nodes' rows
+    monkeypatch.setattr(head, "logits", lambda base, h: mx.stack([fixed[0 if h.shape[0] == 1 else 1]] * h.shape[0]))
+    monkeypatch.setattr(model, "_eagle", head)
+    drafter = lambda: drafters.make_drafter(model, TreeSettings((3, 2), None), source="eagle")  # noqa: E731
+    samples, accepted = _sample_runs(3, seed=4, drafter=drafter)
+    assert accepted > RUNS // 5
+    for position in range(3):
+        p = _p_value(samples[:, position], _marginals()[position])
+        assert p > 1e-3, f"token {position + 1}: p = {p:.2e}"

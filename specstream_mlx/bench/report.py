@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 #: Methods whose greedy output must equal ``ar``'s in lossless mode.
-LOSSLESS = ("ss", "ss-chain", "pld", "ss-pld", "medusa")
+LOSSLESS = ("ss", "ss-chain", "pld", "ss-pld", "medusa", "eagle")
 
 
 @dataclass

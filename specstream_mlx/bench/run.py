@@ -11,8 +11,9 @@ Methods (``METHODS``):
   (``drafters.StreamLookupDrafter``);
 * ``draft``: mlx-lm's speculative decoding with a draft model (default: a 4-bit
   quantized copy of the target);
-* ``medusa``: the checkpoint's Medusa heads (``heads.py``; the peer method) with the
-  ``ss`` tree and the same verification (only on request: it needs the heads).
+* ``medusa``, ``eagle``: the checkpoint's Medusa heads (``heads.py``) or EAGLE-style
+  head (``eagle.py``), the peer methods, with the ``ss`` tree and the same
+  verification (only on request: they need the heads).
 
 Every method runs on the same prompts, interleaved prompt by prompt (the order
 rotates from one prompt to the next) after a warm-up, so machine drift hits all
@@ -43,8 +44,8 @@ from ..drafters import make_drafter
 from ..generate import max_context, stream_generate
 from ..tree import build_tree
 
-METHODS = ("ar", "ss", "ss-chain", "pld", "ss-pld", "draft", "medusa")
-#: What runs without --methods (medusa needs a checkpoint with Medusa heads).
+METHODS = ("ar", "ss", "ss-chain", "pld", "ss-pld", "draft", "medusa", "eagle")
+#: What runs without --methods (medusa and eagle need a checkpoint with their heads).
 DEFAULT_METHODS = ("ar", "ss", "ss-chain", "pld", "ss-pld", "draft")
 
 
@@ -273,8 +274,8 @@ def make_runners(settings: BenchSettings, methods, model, tokenizer, base, draft
             runners[name] = _ss_runner(model, tokenizer, settings, speculative=False, **lookup)
         elif name == "ss-pld":
             runners[name] = _ss_runner(model, tokenizer, settings, tree=tree, **lookup)
-        elif name == "medusa":  # the checkpoint's Medusa heads, same tree and verification
-            runners[name] = _ss_runner(model, tokenizer, settings, tree=tree, source="medusa")
+        elif name in ("medusa", "eagle"):  # the checkpoint's peer heads, same tree and verification
+            runners[name] = _ss_runner(model, tokenizer, settings, tree=tree, source=name)
     for sweep_tree in sweep_settings(settings.sweep_widths, settings.sweep_max_nodes,
                                      model.config.gamma):
         runners[f"ss {tree_label(sweep_tree)}"] = _ss_runner(model, tokenizer, settings,

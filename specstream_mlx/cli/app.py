@@ -29,6 +29,7 @@ LIBRARY_NAMES = {
     "max_tokens": "--max-tokens",
     "shard": "--shard",
     "num_heads": "--num-heads",
+    "kind": "--kind",
     "source": "--drafts",
     "temperature": "--temp",
     "top-p": "--top-p",

@@ -61,7 +61,7 @@ def bench(
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0: greedy)."),
     top_p: float = typer.Option(0.0, "--top-p", help="Nucleus sampling (0 or 1: off)."),
     seed: int = typer.Option(0, "--seed", help="Seed; prompt i uses seed + i for every method."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated from ar,ss,ss-chain,pld,ss-pld,draft,medusa (default: all but medusa, which needs Medusa heads; with --sweep: ar)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated from ar,ss,ss-chain,pld,ss-pld,draft,medusa,eagle (default: all but medusa and eagle, which need their heads; with --sweep: ar)."),
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model for `draft` (default: 4-bit copy of the target)."),
     num_draft_tokens: int = typer.Option(3, "--num-draft-tokens", help="Drafts per step for `draft`."),
     tree_width: Optional[str] = typer.Option(None, "--tree-width", help=f"ss tree: children per depth, e.g. {DEFAULT_WIDTHS} (default: the checkpoint's)."),

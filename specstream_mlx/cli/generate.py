@@ -48,8 +48,8 @@ def generate(
     tree_width: Optional[str] = typer.Option(None, "--tree-width", help=f"Children per depth, e.g. {DEFAULT_WIDTHS} (default: the checkpoint's)."),
     max_nodes: Optional[int] = typer.Option(None, "--max-nodes", help="Cap on tree rows (root included)."),
     prune_threshold: Optional[float] = typer.Option(None, "--prune-threshold", help="Early-exit pruning threshold."),
-    drafts: str = typer.Option("streams", "--drafts", help="streams (the method) | medusa (the checkpoint's "
-                               "Medusa heads, trained with train-heads)."),
+    drafts: str = typer.Option("streams", "--drafts", help="streams (the method) | medusa | eagle (the "
+                               "checkpoint's peer heads, trained with train-heads)."),
     lookup: int = typer.Option(0, "--lookup", help="Also draft up to N prompt-lookup tokens per step beside the tree (0: off)."),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the statistics as JSON."),
     verbose: bool = typer.Option(False, "--verbose", help="Print backend, BLAS and dtype."),

@@ -122,7 +122,9 @@ def train_heads_command(
     ctx: typer.Context,
     model: str = typer.Option(..., "--model", help="Checkpoint (or plain mlx-lm model) whose base the heads draft for."),
     data: str = typer.Option(..., "--data", help="JSONL file or folder (train.jsonl), as for train."),
-    out: Path = typer.Option(..., "--out", help="Output checkpoint: --model's files plus medusa.json/.safetensors."),
+    out: Path = typer.Option(..., "--out", help="Output checkpoint: --model's files plus the head's (medusa.* or eagle.*)."),
+    kind: str = typer.Option("medusa", "--kind", help="medusa (K heads, head k drafts k+1 tokens ahead) | "
+                             "eagle (one decoder layer drafting features autoregressively)."),
     num_heads: int = typer.Option(3, "--num-heads", help="Medusa heads (head k drafts k+1 tokens ahead)."),
     iters: int = typer.Option(1000, help="Training steps."),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -133,14 +135,14 @@ def train_heads_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
     seed: int = typer.Option(0),
 ):
-    """Train Medusa heads (the peer method) on a frozen base: lossless drafting with `--drafts medusa`."""
+    """Train a peer method's draft head on a frozen base (lossless): `--drafts medusa` or `--drafts eagle`."""
 
     def run():
         from ..loading import load, resolve_path
         from ..train.data import load_examples
         from ..train.heads import HeadsTrainConfig, train_heads
 
-        config = HeadsTrainConfig(num_heads=num_heads, iters=iters, batch_size=batch_size,
+        config = HeadsTrainConfig(kind=kind, num_heads=num_heads, iters=iters, batch_size=batch_size,
                                   max_seq_len=max_seq_len, learning_rate=learning_rate, warmup=warmup,
                                   seed=seed, save_every=save_every)
         if out.exists() and not resume:

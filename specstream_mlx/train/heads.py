@@ -1,14 +1,21 @@
-"""Training Medusa heads (``heads.py``) on a frozen base: the peer method's trainer.
+"""Training the peer methods' draft heads on a frozen base: Medusa heads
+(``heads.py``) and the EAGLE-style head (``eagle.py``).
 
-The base model is frozen (Medusa-1: lossless), so every example's final hidden
-states are computed once (the whole-model version of the streams' cached
-training) and each step runs only the heads and the shared LM head. Head ``k``
-at position ``t`` is trained with cross-entropy against token ``t + 1 + k`` on
-the completion positions, the loss averaged over heads.
+The base model is frozen (Medusa-1, EAGLE: lossless), so every example's final
+hidden states are computed once (the whole-model version of the streams'
+cached training) and each step runs only the head(s) and the shared LM head.
+
+* Medusa: head ``k`` at position ``t`` is trained with cross-entropy against
+  token ``t + 1 + k`` on the completion positions, averaged over heads.
+* EAGLE: from ``(f_t, x_{t+1})`` the head predicts ``f_{t+1}``; the loss is
+  EAGLE's: smooth L1 to the true feature plus 0.1 x the cross-entropy of the
+  predicted feature's LM-head logits against ``x_{t+2}`` (teacher forcing: the
+  inputs are the true features; at drafting time deeper depths read predicted
+  ones).
 
 Checkpoints (every ``save_every`` steps, atomically) are the input checkpoint's
-files plus ``medusa.json``/``medusa.safetensors`` and the optimizer state, so
-``--resume`` continues exactly and the output loads as a model with heads.
+files plus the head's files and the optimizer state, so ``--resume``
+continues exactly and the output loads as a model with the head.
 """
 
 from __future__ import annotations
@@ -26,22 +33,27 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..atomic import atomic_dir
 from ..config import CheckpointError
-from ..families import lm_head
-from ..heads import HEADS_CONFIG, HEADS_WEIGHTS, MedusaHeads, heads_config_for, save_heads
+from ..eagle import EAGLE_CONFIG, EAGLE_WEIGHTS, EagleHead, eagle_config_for, load_eagle, save_eagle
+from ..families import embed, lm_head
+from ..heads import HEADS_CONFIG, HEADS_WEIGHTS, MedusaHeads, heads_config_for, load_heads, save_heads
 from ..model import SpecStreamModel
 from .data import Example, batch_indices, collate
 
-STATE = "medusa_state.json"
-STATE_WEIGHTS = "medusa_state.safetensors"
+KINDS = ("medusa", "eagle")
+
+
+def _state_files(kind: str) -> tuple:
+    return f"{kind}_state.json", f"{kind}_state.safetensors"
 
 
 @dataclass
 class HeadsTrainConfig:
-    num_heads: int = 3
+    kind: str = "medusa"
+    num_heads: int = 3  # medusa only
     iters: int = 1000
     batch_size: int = 8
     max_seq_len: int = 512
@@ -52,6 +64,8 @@ class HeadsTrainConfig:
     report_every: int = 10
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         for name in ("num_heads", "iters", "batch_size", "max_seq_len", "save_every", "report_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -106,6 +120,38 @@ def heads_loss(heads: MedusaHeads, base, hidden: mx.array, tokens: mx.array, mas
     return total / max(used, 1), metrics
 
 
+def eagle_loss(head, base, family, hidden: mx.array, tokens: mx.array, mask: np.ndarray):
+    """EAGLE's loss on a batch: smooth L1 of the predicted features plus 0.1 x CE of their logits.
+
+    Args:
+        hidden: ``(B, T, H)`` final features; tokens: ``(B, T)``; mask: ``(B, T)`` bool, True
+            on target tokens. Position ``i`` reads ``(f_i, x_{i+1})`` and predicts ``f_{i+1}``
+            (counted where ``x_{i+1}`` is a target) and ``x_{i+2}`` (where that is a target).
+    """
+    length = tokens.shape[1]
+    if length < 3:
+        zero = mx.array(0.0)
+        return zero, {"feature_loss": zero, "token_loss": zero, "token_acc": zero}
+    x = head.fc(mx.concatenate([hidden[:, :-1], embed(family, base, tokens[:, 1:]).astype(hidden.dtype)], axis=-1))
+    predicted = head.layer(x, "causal")  # (B, T-1, H): predicted f_1 .. f_{T-1}
+    feature_mask = mx.array(mask[:, 1:])
+    count = mx.maximum(feature_mask.sum(), 1)
+    l1 = nn.losses.smooth_l1_loss(predicted, hidden[:, 1:], reduction="none").mean(axis=-1)
+    feature_loss = (l1 * feature_mask).sum() / count
+    rows = np.flatnonzero(mask[:, 2:])
+    if rows.size:
+        index = mx.array(rows.astype(np.int32))
+        picked = predicted[:, :-1].reshape(-1, predicted.shape[-1])[index]
+        wanted = tokens[:, 2:].reshape(-1)[index]
+        logits = lm_head(base, picked).astype(mx.float32)
+        token_loss = nn.losses.cross_entropy(logits, wanted).mean()
+        token_acc = (mx.argmax(logits, axis=-1) == wanted).mean()
+    else:
+        token_loss = token_acc = mx.array(0.0)
+    return feature_loss + 0.1 * token_loss, {"feature_loss": feature_loss, "token_loss": token_loss,
+                                              "token_acc": token_acc}
+
+
 def _optimizer(config: HeadsTrainConfig) -> optim.Optimizer:
     decay = optim.cosine_decay(config.learning_rate, max(config.iters - config.warmup, 1), config.learning_rate * 0.1)
     if config.warmup:
@@ -117,24 +163,29 @@ def _optimizer(config: HeadsTrainConfig) -> optim.Optimizer:
 
 
 def _save(heads, optimizer, step: int, config: HeadsTrainConfig, source: Path, out: Path, figures: dict) -> None:
+    state, state_weights = _state_files(config.kind)
+    own = {HEADS_CONFIG, HEADS_WEIGHTS, EAGLE_CONFIG, EAGLE_WEIGHTS, state, state_weights}
     with atomic_dir(out) as tmp:
         for item in source.iterdir():
-            if not item.is_file() or item.name.startswith(".") or item.name in (
-                    HEADS_CONFIG, HEADS_WEIGHTS, STATE, STATE_WEIGHTS) or item.name.startswith("training_state"):
+            if not item.is_file() or item.name.startswith(".") or item.name in own \
+                    or item.name.startswith("training_state"):
                 continue
             try:
                 os.link(item, tmp / item.name)
             except OSError:
                 shutil.copy2(item, tmp / item.name)
-        save_heads(heads, tmp)
-        mx.save_safetensors(str(tmp / STATE_WEIGHTS), dict(tree_flatten(optimizer.state)))
-        (tmp / STATE).write_text(json.dumps({"step": step, "config": asdict(config), "source": str(source),
+        if config.kind == "medusa":
+            save_heads(heads, tmp)
+        else:
+            save_eagle(heads, tmp)
+        mx.save_safetensors(str(tmp / state_weights), dict(tree_flatten(optimizer.state)))
+        (tmp / state).write_text(json.dumps({"step": step, "config": asdict(config), "source": str(source),
                                              "figures": figures}, indent=2) + "\n")
 
 
 def train_heads(model: SpecStreamModel, examples: List[Example], config: HeadsTrainConfig,
                 source: Path, out: Path, resume: bool = False) -> dict:
-    """Train Medusa heads for ``model``'s frozen base and write checkpoints to ``out``.
+    """Train ``config.kind`` draft heads for ``model``'s frozen base; checkpoints to ``out``.
 
     Args:
         source: the checkpoint folder ``model`` was loaded from (its files are reused).
@@ -150,24 +201,30 @@ def train_heads(model: SpecStreamModel, examples: List[Example], config: HeadsTr
                 if e.loss_start < min(len(e.tokens), config.max_seq_len) - 2]
     if not examples:
         raise ValueError(f"no example has two completion tokens within max_seq_len {config.max_seq_len}")
-    heads = MedusaHeads(heads_config_for(model.base, config.num_heads))
+    medusa = config.kind == "medusa"
+    if medusa:
+        heads = MedusaHeads(heads_config_for(model.base, config.num_heads))
+        loss = lambda h, x, t, m: heads_loss(h, model.base, x, t, m)  # noqa: E731
+    else:
+        heads = EagleHead(model.base, eagle_config_for(model.base))
+        loss = lambda h, x, t, m: eagle_loss(h, model.base, model.family, x, t, m)  # noqa: E731
+        heads.update(tree_map(lambda a: a.astype(model.base.model.norm.weight.dtype), heads.parameters()))
     optimizer = _optimizer(config)
     start = 0
     if resume:
-        state_file = Path(out) / STATE
+        state, state_weights = _state_files(config.kind)
+        state_file = Path(out) / state
         if not state_file.is_file():
-            raise CheckpointError(f"{out} has no {STATE}: nothing to resume")
-        from ..heads import load_heads
-
-        loaded = load_heads(out, model.base)
-        if loaded is None or loaded.config.num_heads != config.num_heads:
-            raise CheckpointError(f"{out} holds heads that do not match num_heads {config.num_heads}")
+            raise CheckpointError(f"{out} has no {state}: nothing to resume")
+        loaded = load_heads(out, model.base) if medusa else load_eagle(out, model.base)
+        if loaded is None or (medusa and loaded.config.num_heads != config.num_heads):
+            raise CheckpointError(f"{out} holds no {config.kind} head matching these settings")
         heads = loaded
         optimizer.init(heads.trainable_parameters())
-        optimizer.state = tree_unflatten(list(mx.load(str(Path(out) / STATE_WEIGHTS)).items()))
+        optimizer.state = tree_unflatten(list(mx.load(str(Path(out) / state_weights)).items()))
         start = int(json.loads(state_file.read_text())["step"])
     hidden = final_hidden(model, examples, config.max_seq_len)
-    step_fn = nn.value_and_grad(heads, lambda h, x, t, m: heads_loss(h, model.base, x, t, m))
+    step_fn = nn.value_and_grad(heads, loss)
     order = batch_indices(len(examples), config.batch_size, config.seed, start)
     figures, seen, tic = {}, 0, time.perf_counter()
     for step in range(start + 1, config.iters + 1):
@@ -184,8 +241,9 @@ def train_heads(model: SpecStreamModel, examples: List[Example], config: HeadsTr
             tps = seen / (time.perf_counter() - tic)
             figures = {"step": step, "loss": loss.item(), "target_tokens_per_sec": tps,
                        **{k: v.item() for k, v in metrics.items()}}
-            accs = " ".join(f"h{k}={figures.get(f'head_{k}_acc', 0):.0%}" for k in range(1, config.num_heads + 1))
-            print(f"\r[medusa] {step}/{config.iters} loss={figures['loss']:.3f} {accs} "
+            accs = (" ".join(f"h{k}={figures.get(f'head_{k}_acc', 0):.0%}" for k in range(1, config.num_heads + 1))
+                    if medusa else f"feature={figures['feature_loss']:.3f} next={figures['token_acc']:.0%}")
+            print(f"\r[{config.kind}] {step}/{config.iters} loss={figures['loss']:.3f} {accs} "
                   f"lr={float(optimizer.learning_rate):.1e} {tps:.0f} targets/s", file=sys.stderr, end="",
                   flush=True)
             seen, tic = 0, time.perf_counter()

@@ -1,0 +1,142 @@
+"""An EAGLE-style draft head: one decoder layer that drafts features autoregressively.
+
+EAGLE (Li et al. 2024) drafts at the feature level. At position ``i`` its input
+is the base model's final feature ``f_i`` together with the embedding of the
+token that follows, ``x_{i+1}``: ``fc([f_i ; e(x_{i+1})])`` (``2H -> H``). One
+decoder layer of the base model's own kind (its own weights) turns that into a
+prediction of ``f_{i+1}``, and the base model's LM head turns the predicted
+feature into the distribution of ``x_{i+2}``. A drafted token's predicted
+feature is the input of the next depth, so each depth knows the guess before
+it. Speculative Streaming's streams and Medusa's heads do not: stream ``j``
+and head ``j`` guess ``j`` tokens ahead blind to the guesses between. The base
+stays frozen, so output stays the base model's (verification is unchanged).
+
+Features here are the final *normed* hidden states (``ForwardOutput.main_hidden``,
+what the LM head reads). EAGLE uses the top layer's output before the norm;
+with the norm folded in, the predicted feature goes to the LM head directly.
+
+Files, beside a checkpoint's own::
+
+    eagle.json           {"kind": "eagle", "hidden_size", "vocab_size", "num_layers", "model_type"}
+    eagle.safetensors    fc.weight (H, 2H), fc.bias (H,), layer.* (one decoder layer)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .atomic import atomic_file
+from .cache import LayerCache, StepView, rope_offset
+from .config import CheckpointError
+from .families import embed, lm_head
+from .rope import install_positional_rope
+
+EAGLE_CONFIG = "eagle.json"
+EAGLE_WEIGHTS = "eagle.safetensors"
+
+
+@dataclass(frozen=True)
+class EagleConfig:
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    model_type: str
+    kind: str = "eagle"
+
+
+class EagleHead(nn.Module):
+    """``fc`` plus one decoder layer built like the base model's layers.
+
+    ``__call__(features, tokens, mask, cache, offset)``: ``(1, L, H)`` features and
+    ``(1, L)`` next tokens -> ``(1, L, H)`` predicted next features.
+    """
+
+    def __init__(self, base: nn.Module, config: EagleConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.fc = nn.Linear(2 * hidden, hidden)
+        try:
+            self.layer = type(base.model.layers[0])(base.args)
+        except TypeError as exc:
+            raise CheckpointError(f"an EAGLE head needs a decoder layer built from the model's args; "
+                                  f"{config.model_type} layers take other arguments ({exc})") from None
+        install_positional_rope([self.layer])
+        self._config = config
+
+    @property
+    def config(self) -> EagleConfig:
+        return self._config
+
+    def __call__(self, base, family, features: mx.array, tokens: mx.array, mask, cache: LayerCache,
+                 positions: np.ndarray) -> mx.array:
+        x = self.fc(mx.concatenate([features, embed(family, base, tokens).astype(features.dtype)], axis=-1))
+        return self.layer(x, mask, cache=StepView(cache, rope_offset(cache.length, positions)))
+
+    def logits(self, base, predicted: mx.array) -> mx.array:
+        return lm_head(base, predicted)
+
+
+def eagle_config_for(base: nn.Module) -> EagleConfig:
+    args = base.args
+    return EagleConfig(args.hidden_size, args.vocab_size, len(base.model.layers), args.model_type)
+
+
+def save_eagle(head: EagleHead, directory: Path) -> None:
+    """Write ``eagle.json`` and ``eagle.safetensors`` into ``directory`` (each atomically)."""
+    from mlx.utils import tree_flatten
+
+    directory = Path(directory)
+    with atomic_file(directory / EAGLE_WEIGHTS) as tmp:
+        target = tmp.with_suffix(".safetensors")
+        mx.save_safetensors(str(target), {k: v.astype(mx.float32) for k, v in tree_flatten(head.parameters())},
+                            metadata={"format": "mlx"})
+        target.replace(tmp)
+    with atomic_file(directory / EAGLE_CONFIG) as tmp:
+        tmp.write_text(json.dumps(asdict(head.config), indent=2) + "\n")
+
+
+def load_eagle(directory: Path, base: nn.Module) -> Optional[EagleHead]:
+    """The EAGLE head stored beside a checkpoint, or ``None`` when it has none.
+
+    Raises:
+        CheckpointError: incomplete, corrupt, or made for another base model.
+    """
+    directory = Path(directory)
+    config_file, weights_file = directory / EAGLE_CONFIG, directory / EAGLE_WEIGHTS
+    if not config_file.exists() and not weights_file.exists():
+        return None
+    if not (config_file.is_file() and weights_file.is_file()):
+        raise CheckpointError(f"{directory} has only one of {EAGLE_CONFIG} and {EAGLE_WEIGHTS}: "
+                              "copy both, or delete the one left (then the model has no EAGLE head)")
+    try:
+        config = EagleConfig(**json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{config_file} is not an EAGLE head config ({exc})") from None
+    expected = eagle_config_for(base)
+    for name in ("hidden_size", "vocab_size", "num_layers", "model_type"):
+        if getattr(config, name) != getattr(expected, name):
+            raise CheckpointError(
+                f"{config_file} was made for a base model with {name.replace('_', ' ')} "
+                f"{getattr(config, name)}, but this model has {getattr(expected, name)}: the EAGLE head "
+                "does not belong to this model")
+    head = EagleHead(base, config)
+    try:
+        weights = mx.load(str(weights_file))
+    except Exception as exc:
+        raise CheckpointError(f"{weights_file} is corrupt or not safetensors ({exc})") from None
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    want = dict(tree_flatten(head.parameters()))
+    if set(weights) != set(want) or any(weights[k].shape != want[k].shape for k in want):
+        raise CheckpointError(f"{weights_file} does not match {config_file} and the base model's layer shape")
+    dtype = base.model.norm.weight.dtype
+    head.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
+    mx.eval(head.parameters())
+    return head
