@@ -183,4 +183,13 @@ def task_model_path(name: str, base_dir: Path, cache: Path, dtype: str, quiet: b
     target = Path(cache) / f"{name}-{dtype}-{package_tag(package)}-{Path(base_dir).name}"
     if (target / CONFIG_FILE).is_file():
         return target
-    return build(package, base_dir, target, quiet)
+    import fcntl
+
+    # Several processes (ranks on one machine) may ask at once: one builds, the others wait
+    # and reuse it (a second build would replace the folder under a reader).
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / CONFIG_FILE).is_file():
+            return target
+        return build(package, base_dir, target, quiet)

@@ -172,7 +172,7 @@ class EagleDrafter:
 
         if model.eagle is None:
             raise ValueError("this checkpoint has no EAGLE head (eagle.json, eagle.safetensors): train "
-                             "one with `specstream-mlx train-eagle` or draft with the streams")
+                             "one with `specstream-mlx train-heads --kind eagle` or draft with the streams")
         self.model, self.head = model, model.eagle
         self.shape = build_tree(tuple(tree.widths), tree.max_nodes)
         self.max_depth = self.shape.max_depth

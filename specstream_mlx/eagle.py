@@ -63,7 +63,8 @@ class EagleHead(nn.Module):
         hidden = config.hidden_size
         self.fc = nn.Linear(2 * hidden, hidden)
         try:
-            self.layer = type(base.model.layers[0])(base.args)
+            # (a pipeline stage holds only some layers: the others are None)
+            self.layer = type(next(x for x in base.model.layers if x is not None))(base.args)
         except TypeError as exc:
             raise CheckpointError(f"an EAGLE head needs a decoder layer built from the model's args; "
                                   f"{config.model_type} layers take other arguments ({exc})") from None

@@ -144,7 +144,7 @@ def stream_generate(
         from .shard import RankCheck, agree_seed, check_prompt_fits
 
         world = model.sharding[1]
-        check_prompt_fits(len(tokens) + max_tokens, max_context(model), world)
+        check_prompt_fits(tokens, max_tokens, max_context(model), world)
         agree_seed(seed, world)
         drafter = RankCheck(drafter, world)
     elif seed is not None:

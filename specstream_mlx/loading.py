@@ -83,7 +83,6 @@ def _load_sharded(path: Path, shard: str):
     world = sharding.group(shard)
     lazy, _ = load_model(path, lazy=True, strict=False)
     sharding.check_shardable(lazy, shard, world)
-    sharding.check_same_checkpoint(path, world)
     if shard == "pipeline" and not (path / "model.safetensors.index.json").is_file():
         # sharded_load reads the index to fetch each stage's files; one local file holds them all
         base, config = load_model(path, lazy=True, strict=False)
@@ -192,13 +191,22 @@ def load(
         shard.ShardError: ``shard`` without ``mlx.launch``, a model that cannot be split,
             or ranks with different checkpoints.
     """
-    path = resolve_path(path_or_repo, revision)
-    _read_base_config(path)
-    config = read_config(path)
-    if shard is not None:
-        from .shard import check_mode
+    if shard is None:
+        path = resolve_path(path_or_repo, revision)
+        _read_base_config(path)
+        config = read_config(path)
+    else:  # every rank gets this far and compares what it has, even when it has nothing
+        from .shard import check_mode, check_same_checkpoint, group
 
-        check_mode(shard)
+        world = group(check_mode(shard))
+        try:
+            path = resolve_path(path_or_repo, revision)
+            _read_base_config(path)
+            config = read_config(path)
+        except Exception as exc:
+            check_same_checkpoint(None, world, exc)
+            raise
+        check_same_checkpoint(path, world)
     base, tokenizer, base_config, family = _load_base(path, dtype, shard)
     owners = None
     if shard == "pipeline":  # pad the stage's layer list; which rank holds each layer

@@ -179,10 +179,17 @@ def _gather(values: Sequence[int], world) -> np.ndarray:
 
 
 def agree_seed(seed: Optional[int], world) -> int:
-    """Rank 0's seed (a fresh one when ``None``) on every rank, and ``mx.random`` seeded with it."""
+    """Rank 0's seed (a fresh one when ``None``) on every rank, and ``mx.random`` seeded with it.
+
+    Sent as three 21-bit words (the gather carries int32), so any seed in ``0 .. 2**63 - 1``
+    arrives whole and a sharded run seeds exactly as a single process does.
+    """
     if world.rank() == 0 and seed is None:
         seed = int(np.random.default_rng().integers(0, 2**31 - 1))
-    agreed = int(_gather([seed or 0], world)[0, 0])
+    seed = int(seed or 0)
+    words = [(seed >> 42) & 0x1FFFFF, (seed >> 21) & 0x1FFFFF, seed & 0x1FFFFF]
+    hi, mid, lo = (int(w) for w in _gather(words, world)[0])
+    agreed = (hi << 42) | (mid << 21) | lo
     mx.random.seed(agreed)
     return agreed
 
@@ -207,30 +214,50 @@ def checkpoint_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_same_checkpoint(path: Path, world) -> None:
+def check_same_checkpoint(path: Optional[Path], world, failure: Optional[BaseException] = None) -> None:
     """Stop unless every rank's ``path`` holds the same checkpoint.
 
+    A rank that could not even read its checkpoint (``failure``, ``path`` None) still takes
+    part in the gather, so every rank stops instead of waiting for it.
+
     Raises:
-        ShardError: naming the ranks whose files differ from rank 0's.
+        ShardError: naming the ranks whose files differ from rank 0's, or could not be read.
     """
-    mine = checkpoint_fingerprint(path)
-    words = [int(mine[i : i + 7], 16) for i in range(0, 56, 7)]  # 8 words of 28 bits
+    if failure is None:
+        mine = checkpoint_fingerprint(path)
+        words = [int(mine[i : i + 7], 16) for i in range(0, 56, 7)]  # 8 words of 28 bits
+    else:
+        words = [-1] * 8
     rows = _gather(words, world)
+    broken = [r for r in range(rows.shape[0]) if (rows[r] == -1).all()]
+    if broken:
+        raise ShardError(f"ranks {broken} could not read the checkpoint"
+                         + (f" ({failure})" if failure is not None else "")
+                         + ": copy the same model folder to every machine (same files, same --model)")
     differ = [r for r in range(rows.shape[0]) if not np.array_equal(rows[r], rows[0])]
     if differ:
         raise ShardError(f"ranks {differ} load a different checkpoint from rank 0 (at {path}): copy the "
                          "same model folder to every machine (same files, same --model)")
 
 
-def check_prompt_fits(needed: int, max_context: Optional[int], world) -> None:
-    """Stop on every rank when the prompt plus the tokens asked for is over the context on any rank.
+def check_prompt_fits(tokens: Sequence[int], max_tokens: int, max_context: Optional[int], world) -> None:
+    """Stop on every rank when the ranks' prompts differ (before the prefill, whose shapes
+    would not match), or the prompt plus the tokens asked for is over the context on any rank.
 
     Raises:
+        ShardError: the prompts differ (a prompt read from stdin, another chat template).
         ContextOverflowError: naming the ranks (every rank raises it, so none waits on the others).
     """
     from .config import ContextOverflowError
 
-    rows = _gather([needed, -1 if max_context is None else max_context], world)
+    prompt = np.asarray(tokens, dtype=np.int64)
+    checksum = int((prompt * np.arange(1, prompt.size + 1)).sum() % (2**31 - 1))
+    needed = len(prompt) + max_tokens
+    rows = _gather([needed, -1 if max_context is None else max_context, len(prompt), checksum], world)
+    if not (rows[:, 2:] == rows[0, 2:]).all():
+        raise ShardError(f"the ranks were given different prompts (length, checksum per rank: "
+                         f"{rows[:, 2:].tolist()}): give every rank the same prompt (not stdin)")
+    rows = rows[:, :2]
     over = [r for r, (n, ctx) in enumerate(rows) if ctx >= 0 and n > ctx]
     if over:
         raise ContextOverflowError(

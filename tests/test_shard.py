@@ -126,10 +126,64 @@ def test_head_counts_must_divide_among_the_ranks():
 
 
 def test_prompt_over_the_context_stops_every_rank():
-    world = mx.distributed.init()  # one rank: the check is the same gather
-    sharding.check_prompt_fits(2048, 2048, world)
+    world = mx.distributed.init()  # one rank: the checks are the same gathers
+    sharding.check_prompt_fits([1] * 2000, 48, 2048, world)
     with pytest.raises(ContextOverflowError, match="exceeds the model's context of 2048 tokens on ranks \\[0\\]"):
-        sharding.check_prompt_fits(2049, 2048, world)
+        sharding.check_prompt_fits([1] * 2000, 49, 2048, world)
+
+
+def test_seeds_arrive_whole_and_unreadable_checkpoints_stop_every_rank():
+    world = mx.distributed.init()
+    for seed in (0, 7, 2**31 + 3, 2**63 - 1):
+        assert sharding.agree_seed(seed, world) == seed
+    with pytest.raises(sharding.ShardError, match="ranks \\[0\\] could not read the checkpoint \\(gone\\)"):
+        sharding.check_same_checkpoint(None, world, OSError("gone"))
+
+
+def test_a_follower_survives_a_failed_request():
+    """A request that fails on every rank must not end a follower (rank 0's engine goes on)."""
+    from .helpers import ss_model
+    from specstream_mlx.serve.worker import follow
+
+    class Channel:
+        def __init__(self):
+            self.requests = [{"prompt_tokens": [], "max_tokens": 4, "sampling": {"temp": 0.0}, "seed": None},
+                             {"prompt_tokens": [5, 6, 7], "max_tokens": 3, "sampling": {"temp": 0.0}, "seed": None},
+                             None]
+            self.flags = 0
+
+        def share(self, value=None):
+            return self.requests.pop(0)
+
+        def flag(self, value=False):
+            self.flags += 1
+            return True
+
+    channel = Channel()
+    model = ss_model("llama")
+    follow(model, _Tok(), channel)
+    assert channel.requests == [] and channel.flags == 3  # the second request ran its 3 tokens
+
+
+class _Tok:
+    """Just enough tokenizer for stream_generate on token ids."""
+
+    eos_token_ids = []
+
+    class detokenizer:
+        last_segment = ""
+
+        @staticmethod
+        def reset():
+            pass
+
+        @staticmethod
+        def add_token(token):
+            pass
+
+        @staticmethod
+        def finalize():
+            pass
 
 
 def test_checkpoint_fingerprint_sees_weights_and_streams(ckpt, tmp_path):

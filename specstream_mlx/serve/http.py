@@ -394,11 +394,15 @@ def serve(settings: ServerSettings) -> None:
             follow(model, tokenizer, Channel(world), settings.speculative)
             return
         channel = Channel(world)
-    server = make_server(settings.host, settings.port)
     engine = Engine(lambda: load(settings.model, shard=settings.shard), settings.max_queue,
                     settings.speculative, channel=channel)
+    # Bind before the slow load to fail fast; in a sharded run after it, since the other
+    # ranks are already loading and would wait forever for a rank 0 that gave up.
+    server = make_server(settings.host, settings.port) if channel is None else None
     try:
         engine.start()
+        if server is None:
+            server = make_server(settings.host, settings.port)
         server.app = App(engine, settings.model, settings)
         if not is_loopback(settings.host) and settings.api_key is None:
             log.warning("listening on %s without --api-key: anyone who can reach this "
@@ -414,5 +418,6 @@ def serve(settings: ServerSettings) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        if server is not None:
+            server.server_close()
         engine.stop()

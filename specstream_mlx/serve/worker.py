@@ -308,20 +308,27 @@ class Engine:
 
 def follow(model, tokenizer, channel, speculative: bool = True, tree: Optional[TreeSettings] = None) -> None:
     """The other ranks' side of a sharded server: run each request rank 0's ``Engine``
-    runs, token for token, until it stops; return when the server shuts down."""
+    runs, token for token, until it stops; return when the server shuts down.
+
+    A request that fails fails on every rank at the same point (same tokens, same
+    checks), and rank 0's engine goes on to the next one; so does this loop.
+    """
     while True:
         request = channel.share()
         if request is None:
             return
-        steps = stream_generate(model, tokenizer, request["prompt_tokens"], request["max_tokens"],
-                                sampling=SamplingParams(**request["sampling"]), seed=request["seed"],
-                                drafter=make_drafter(model, tree, speculative=speculative))
         try:
-            for _ in steps:
-                if not channel.flag():
-                    break
-        finally:
-            steps.close()
+            steps = stream_generate(model, tokenizer, request["prompt_tokens"], request["max_tokens"],
+                                    sampling=SamplingParams(**request["sampling"]), seed=request["seed"],
+                                    drafter=make_drafter(model, tree, speculative=speculative))
+            try:
+                for _ in steps:
+                    if not channel.flag():
+                        break
+            finally:
+                steps.close()
+        except Exception as exc:  # as rank 0's worker: log it, take the next request
+            log.error("generation failed on this rank: %s: %s", type(exc).__name__, exc)
 
 
 def _spec_stats(last, speculative: bool) -> dict:

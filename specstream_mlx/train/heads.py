@@ -164,7 +164,9 @@ def _optimizer(config: HeadsTrainConfig) -> optim.Optimizer:
 
 def _save(heads, optimizer, step: int, config: HeadsTrainConfig, source: Path, out: Path, figures: dict) -> None:
     state, state_weights = _state_files(config.kind)
-    own = {HEADS_CONFIG, HEADS_WEIGHTS, EAGLE_CONFIG, EAGLE_WEIGHTS, state, state_weights}
+    # the trained kind's files are rewritten; the other kind's, if the source has them, kept
+    own = ({HEADS_CONFIG, HEADS_WEIGHTS} if config.kind == "medusa" else {EAGLE_CONFIG, EAGLE_WEIGHTS}) \
+        | {state, state_weights}
     with atomic_dir(out) as tmp:
         for item in source.iterdir():
             if not item.is_file() or item.name.startswith(".") or item.name in own \
@@ -208,7 +210,6 @@ def train_heads(model: SpecStreamModel, examples: List[Example], config: HeadsTr
     else:
         heads = EagleHead(model.base, eagle_config_for(model.base))
         loss = lambda h, x, t, m: eagle_loss(h, model.base, model.family, x, t, m)  # noqa: E731
-        heads.update(tree_map(lambda a: a.astype(model.base.model.norm.weight.dtype), heads.parameters()))
     optimizer = _optimizer(config)
     start = 0
     if resume:
@@ -220,6 +221,8 @@ def train_heads(model: SpecStreamModel, examples: List[Example], config: HeadsTr
         if loaded is None or (medusa and loaded.config.num_heads != config.num_heads):
             raise CheckpointError(f"{out} holds no {config.kind} head matching these settings")
         heads = loaded
+        # heads train in float32 whatever the base's dtype (load casts them to it)
+        heads.update(tree_map(lambda a: a.astype(mx.float32), heads.parameters()))
         optimizer.init(heads.trainable_parameters())
         optimizer.state = tree_unflatten(list(mx.load(str(Path(out) / state_weights)).items()))
         start = int(json.loads(state_file.read_text())["step"])
