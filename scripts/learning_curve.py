@@ -2,6 +2,7 @@
 
 Usage: python scripts/learning_curve.py DEV.jsonl SNAPSHOTS_DIR OUT_DIR
            [--num 40] [--prompts 8] [--max-tokens 64] [--tree 3,2,1] [--max-nodes 16] [--title T]
+           [--steps 300,500] [--baseline BASELINE_SNAPSHOTS_DIR]
 
 SNAPSHOTS_DIR holds checkpoints named ``step_N`` (as
 ``scripts/snapshot_checkpoints.sh`` keeps them). For each, in step order:
@@ -11,6 +12,10 @@ SNAPSHOTS_DIR holds checkpoints named ``step_N`` (as
 * dev tokens per forward and acceptance by depth: greedy decoding of the first
   ``--prompts`` dev prompts, ``--max-tokens`` each, with the given tree
   (default: the checkpoint's tree for this backend).
+
+``--steps`` keeps only those steps; ``--baseline`` adds the dev loss of another
+run's snapshots at the same steps (the plain-LoRA baseline: same data, steps and
+schedule), drawn dashed.
 
 Writes ``OUT_DIR/curve.json`` and ``OUT_DIR/curve.png`` (matplotlib, the
 ``bench`` extra), each through a temporary file renamed at the end. Use dev
@@ -69,7 +74,12 @@ def plot(points: list, out: Path, title: str) -> bool:
         return False
     steps = [p["step"] for p in points]
     fig, left = plt.subplots(figsize=(6.4, 3.6))
-    left.plot(steps, [p["dev_loss"] for p in points], "o-", color="tab:blue")
+    left.plot(steps, [p["dev_loss"] for p in points], "o-", color="tab:blue", label="dev loss")
+    base = [(p["step"], p["baseline_dev_loss"]) for p in points if "baseline_dev_loss" in p]
+    if base:
+        left.plot([b[0] for b in base], [b[1] for b in base], "o--", color="tab:cyan",
+                  label="dev loss, plain-LoRA baseline")
+        left.legend(loc="upper center", fontsize=8)
     left.set_xlabel("training step")
     left.set_ylabel("dev loss (nats/token)", color="tab:blue")
     right = left.twinx()
@@ -95,8 +105,15 @@ def main() -> int:
     parser.add_argument("--tree", default=None, help="tree widths, e.g. 3,2,1 (default: the checkpoint's)")
     parser.add_argument("--max-nodes", type=int, default=0, help="with --tree: node cap (0: none)")
     parser.add_argument("--title", default=None, help="plot title (default: the snapshots folder)")
+    parser.add_argument("--steps", default=None, help="only these steps, e.g. 300,500,1000")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="snapshots of a baseline run: its dev loss at the same steps")
     args = parser.parse_args()
     found = snapshots(args.snapshots)
+    if args.steps:
+        keep = {int(x) for x in args.steps.split(",") if x}
+        found = [(step, path) for step, path in found if step in keep]
+    baseline = dict(snapshots(args.baseline)) if args.baseline else {}
     if not found:
         print(f"error: {args.snapshots} holds no step_N checkpoint folders", file=sys.stderr)
         return 2
@@ -108,8 +125,14 @@ def main() -> int:
         except ValueError as exc:  # CheckpointError, RecordError, bad tree
             print(f"error: {path}: {exc}", file=sys.stderr)
             return 2
+        if step in baseline:
+            model, tokenizer = load(str(baseline[step]))
+            figures["baseline_dev_loss"] = main_loss(model, load_examples(args.dev, tokenizer)[: args.num],
+                                                     args.max_seq_len)["main_loss"]
         points.append({"step": step, **figures})
-        print(f"step {step}: dev loss {figures['dev_loss']:.4f}, tokens/forward "
+        print(f"step {step}: dev loss {figures['dev_loss']:.4f}"
+              + (f" (baseline {figures['baseline_dev_loss']:.4f})" if "baseline_dev_loss" in figures else "")
+              + ", tokens/forward "
               f"{figures['tokens_per_forward']:.3f}, acceptance "
               + " ".join(f"{a:.2f}" for a in figures["acceptance_by_depth"]), flush=True)
         atomic_write_text(args.out / "curve.json",
