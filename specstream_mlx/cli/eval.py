@@ -36,7 +36,7 @@ def eval_command(
         ss_model, tokenizer = load(model_or_default(model))
         figures = evaluate(ss_model, tokenizer, data, metric, limit, max_tokens,
                            make_drafter(ss_model, speculative=not no_spec))
-        summary = {k: v for k, v in figures.items() if k not in ("scores", "outputs")}
+        summary = {k: v for k, v in figures.items() if k not in ("scores", "outputs", "scores_by_metric")}
         typer.echo(json.dumps(summary, indent=2))
         if out is not None:
             atomic_write_text(out, json.dumps(figures, indent=2) + "\n")
