@@ -252,8 +252,9 @@ def test_summarize_figures():
 def test_parse_methods():
     assert parse_methods("ar, ss,pld,ar") == ["ar", "ss", "pld"]
     assert parse_methods(None) is None
-    with pytest.raises(BenchError, match="unknown method 'medusa'"):
-        parse_methods("ar,medusa")
+    assert parse_methods("ar,ss,medusa,eagle") == ["ar", "ss", "medusa", "eagle"]  # the peers (issue 19)
+    with pytest.raises(BenchError, match="unknown method 'hydra'"):
+        parse_methods("ar,hydra")
 
 
 def test_load_prompts_formats(tmp_path):
@@ -300,7 +301,7 @@ def test_prompt_longer_than_context_fails(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "ar,eagle"], "unknown method 'eagle'"),
+    (["--methods", "ar,hydra"], "unknown method 'hydra'"),
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
     (["--num-prompts", "0"], "--num-prompts must be at least 1"),
     (["--sweep", "--sweep-max-nodes", "x"], "--sweep-max-nodes takes integers"),

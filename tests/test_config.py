@@ -95,7 +95,7 @@ def test_parse_widths_only_parses():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    ({"methods": ["ar", "eagle"]}, BenchError, "unknown method 'eagle'"),
+    ({"methods": ["ar", "hydra"]}, BenchError, "unknown method 'hydra'"),
     ({"methods": []}, BenchError, "no methods to run"),
     ({"max_tokens": 0}, BenchError, "max_tokens must be at least 1, got 0"),
     ({"num_prompts": 0}, BenchError, "num_prompts must be at least 1, got 0"),
