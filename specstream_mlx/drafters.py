@@ -102,9 +102,9 @@ class StreamDrafter:
 
     uses_streams = True
 
-    def __init__(self, model: SpecStreamModel, tree: TreeSettings) -> None:
+    def __init__(self, model: SpecStreamModel, tree: TreeSettings, depth: Optional[int] = None) -> None:
         self.model = model
-        self.depth = self.max_depth = min(len(tree.widths), model.config.gamma)
+        self.depth = self.max_depth = min(len(tree.widths), model.config.gamma if depth is None else depth)
         self.stream_logits_depth = self.depth
         self.shape = build_tree(tuple(tree.widths[: self.depth]), tree.max_nodes)
         self.top_k = int(self.shape.rank.max()) + 1 if self.shape.size > 1 else 1
@@ -136,16 +136,9 @@ class MedusaDrafter(StreamDrafter):
             raise ValueError("this checkpoint has no Medusa heads (medusa.json, medusa.safetensors): "
                              "train them with `specstream-mlx train-heads` or draft with the streams")
         self.heads = heads
-        depth = min(len(tree.widths), heads.config.num_heads)
-        self.shape = build_tree(tuple(tree.widths[:depth]), tree.max_nodes)
-        self.model = model
-        self.depth = self.max_depth = depth
+        super().__init__(model, tree, depth=heads.config.num_heads)
         self.stream_logits_depth = 0
-        self.top_k = int(self.shape.rank.max()) + 1 if self.shape.size > 1 else 1
-        self.index = mx.array(draft_token_index(self.shape, self.top_k))
         self.rows = tree_rows(self.shape, streams=False)
-        self.prune = tree.prune
-        self.table = None
 
     def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
         scores = self.heads.logits(self.model.base, out.main_hidden[node])[: self.depth]  # (depth, V)
@@ -181,6 +174,36 @@ class EagleDrafter:
         self.top_k = int(self.shape.rank.max()) + 1 if self.shape.size > 1 else 1
         self.features = None  # (n, H): base features of the accepted path, root's parent last
         self.last_shape = None  # the topology the observed forward verified (None: a prompt chunk)
+        self.levels = self._levels(self.shape)
+
+    @staticmethod
+    def _levels(shape) -> list:
+        """Per depth ``d``, what ``propose`` needs, fixed by the topology: the parents whose
+        children sit at ``d`` (each child's row among them and its rank), and for ``d`` below
+        the deepest, the head run over every node of depth ``1..d`` (nodes, their parents, the
+        tree mask among them, RoPE positions)."""
+        levels = []
+        for depth in range(1, shape.max_depth + 1):
+            level = [v for v in range(shape.size) if shape.depth[v] == depth]
+            parents = sorted({int(shape.parents[v]) for v in level})
+            where = {p: i for i, p in enumerate(parents)}
+            nodes = [v for v in range(1, shape.size) if shape.depth[v] <= depth]
+            index = {v: i for i, v in enumerate(nodes)}
+            block = np.zeros((len(nodes), len(nodes)), dtype=bool)
+            for i, v in enumerate(nodes):
+                u = v
+                while u > 0:
+                    block[i, index[u]] = True
+                    u = int(shape.parents[u])
+            levels.append({
+                "parents": parents,
+                "children": [(v, where[int(shape.parents[v])], int(shape.rank[v])) for v in level],
+                "nodes": nodes,
+                "node_parents": [int(shape.parents[v]) for v in nodes],
+                "block": block,
+                "positions": np.array([int(shape.depth[v]) - 1 for v in nodes]),
+            })
+        return levels
 
     def observe(self, out: ForwardOutput, node: int, stream_logits=None) -> None:
         assert out.kept is None, "EAGLE drafts are not pruned"
@@ -216,31 +239,21 @@ class EagleDrafter:
         tokens = [None] * shape.size
         feats = [None] * shape.size  # predicted feature at each node (what its children come from)
         feats[0] = predicted[0]
-        for depth in range(1, shape.max_depth + 1):
-            parents = sorted({int(shape.parents[v]) for v in range(shape.size) if shape.depth[v] == depth})
-            scores = self.head.logits(self.model.base, mx.stack([feats[p] for p in parents]))  # (P, V)
+        for depth, level in enumerate(self.levels, start=1):
+            scores = self.head.logits(self.model.base, mx.stack([feats[p] for p in level["parents"]]))  # (P, V)
             top = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
             order = mx.argsort(-mx.take_along_axis(scores, top, axis=-1), axis=-1)
             best = mx.take_along_axis(top, order, axis=-1)  # (P, top_k), best first
-            where = {p: i for i, p in enumerate(parents)}
-            level = [v for v in range(shape.size) if shape.depth[v] == depth]
-            for v in level:
-                tokens[v] = best[where[int(shape.parents[v])], int(shape.rank[v])]
+            for v, row, rank in level["children"]:
+                tokens[v] = best[row, rank]
             if depth == shape.max_depth:
                 break
             # one head run over every drafted node so far (depth 1..depth): (f_parent, token)
-            nodes = [v for v in range(1, shape.size) if shape.depth[v] <= depth]
-            index = {v: i for i, v in enumerate(nodes)}
-            block = np.zeros((len(nodes), len(nodes)), dtype=bool)
-            for i, v in enumerate(nodes):
-                u = v
-                while u > 0:
-                    block[i, index[u]] = True
-                    u = int(shape.parents[u])
+            nodes, block = level["nodes"], level["block"]
             mask = mx.array(np.concatenate([np.ones((len(nodes), self.cache.length), bool), block], axis=1))
-            out = self._run(mx.stack([feats[int(shape.parents[v])] for v in nodes]),
+            out = self._run(mx.stack([feats[p] for p in level["node_parents"]]),
                             mx.stack([tokens[v] for v in nodes]).astype(mx.int32), mask,
-                            np.array([int(shape.depth[v]) - 1 for v in nodes]), commit=False)
+                            level["positions"], commit=False)
             for i, v in enumerate(nodes):
                 feats[v] = out[i]
         return Draft(shape, self.rows, mx.stack(tokens[1:]).astype(mx.int32))

@@ -23,8 +23,7 @@ Files, beside a checkpoint's own::
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -32,10 +31,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .atomic import atomic_file
 from .cache import LayerCache, StepView, rope_offset
 from .config import CheckpointError
 from .families import embed, lm_head
+from .heads import load_head_files, save_head_files
 from .rope import install_positional_rope
 
 EAGLE_CONFIG = "eagle.json"
@@ -91,53 +90,16 @@ def eagle_config_for(base: nn.Module) -> EagleConfig:
 
 def save_eagle(head: EagleHead, directory: Path) -> None:
     """Write ``eagle.json`` and ``eagle.safetensors`` into ``directory`` (each atomically)."""
-    from mlx.utils import tree_flatten
-
-    directory = Path(directory)
-    with atomic_file(directory / EAGLE_WEIGHTS) as tmp:
-        target = tmp.with_suffix(".safetensors")
-        mx.save_safetensors(str(target), {k: v.astype(mx.float32) for k, v in tree_flatten(head.parameters())},
-                            metadata={"format": "mlx"})
-        target.replace(tmp)
-    with atomic_file(directory / EAGLE_CONFIG) as tmp:
-        tmp.write_text(json.dumps(asdict(head.config), indent=2) + "\n")
+    save_head_files(head, head.config, directory, EAGLE_CONFIG, EAGLE_WEIGHTS)
 
 
 def load_eagle(directory: Path, base: nn.Module) -> Optional[EagleHead]:
     """The EAGLE head stored beside a checkpoint, or ``None`` when it has none.
 
     Raises:
-        CheckpointError: incomplete, corrupt, or made for another base model.
+        CheckpointError: see ``heads.load_head_files``.
     """
-    directory = Path(directory)
-    config_file, weights_file = directory / EAGLE_CONFIG, directory / EAGLE_WEIGHTS
-    if not config_file.exists() and not weights_file.exists():
-        return None
-    if not (config_file.is_file() and weights_file.is_file()):
-        raise CheckpointError(f"{directory} has only one of {EAGLE_CONFIG} and {EAGLE_WEIGHTS}: "
-                              "copy both, or delete the one left (then the model has no EAGLE head)")
-    try:
-        config = EagleConfig(**json.loads(config_file.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise CheckpointError(f"{config_file} is not an EAGLE head config ({exc})") from None
-    expected = eagle_config_for(base)
-    for name in ("hidden_size", "vocab_size", "num_layers", "model_type"):
-        if getattr(config, name) != getattr(expected, name):
-            raise CheckpointError(
-                f"{config_file} was made for a base model with {name.replace('_', ' ')} "
-                f"{getattr(config, name)}, but this model has {getattr(expected, name)}: the EAGLE head "
-                "does not belong to this model")
-    head = EagleHead(base, config)
-    try:
-        weights = mx.load(str(weights_file))
-    except Exception as exc:
-        raise CheckpointError(f"{weights_file} is corrupt or not safetensors ({exc})") from None
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    want = dict(tree_flatten(head.parameters()))
-    if set(weights) != set(want) or any(weights[k].shape != want[k].shape for k in want):
-        raise CheckpointError(f"{weights_file} does not match {config_file} and the base model's layer shape")
-    dtype = base.model.norm.weight.dtype
-    head.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
-    mx.eval(head.parameters())
-    return head
+    return load_head_files(directory, base, EAGLE_CONFIG, EAGLE_WEIGHTS, EagleConfig,
+                           lambda c: eagle_config_for(base),
+                           ("hidden_size", "vocab_size", "num_layers", "model_type"),
+                           lambda c: EagleHead(base, c), "EAGLE head")

@@ -86,57 +86,77 @@ def heads_config_for(base: nn.Module, num_heads: int) -> HeadsConfig:
     return HeadsConfig(num_heads, args.hidden_size, args.vocab_size, len(base.model.layers))
 
 
-def save_heads(heads: MedusaHeads, directory: Path) -> None:
-    """Write ``medusa.json`` and ``medusa.safetensors`` into ``directory`` (each atomically)."""
+def save_head_files(module: nn.Module, config, directory: Path, config_name: str, weights_name: str) -> None:
+    """Write a draft head's config (a dataclass) and weights (float32) beside a checkpoint,
+    each file atomically. Shared by the Medusa heads and the EAGLE head (``eagle.py``)."""
     from mlx.utils import tree_flatten
 
     directory = Path(directory)
-    with atomic_file(directory / HEADS_WEIGHTS) as tmp:
-        weights = {k: v.astype(mx.float32) for k, v in tree_flatten(heads.parameters())}
-        mx.save_safetensors(str(tmp.with_suffix(".safetensors")), weights, metadata={"format": "mlx"})
-        tmp.with_suffix(".safetensors").replace(tmp)
-    with atomic_file(directory / HEADS_CONFIG) as tmp:
-        tmp.write_text(json.dumps(asdict(heads.config), indent=2) + "\n")
+    with atomic_file(directory / weights_name) as tmp:
+        target = tmp.with_suffix(".safetensors")  # mx.save_safetensors insists on the suffix
+        mx.save_safetensors(str(target), {k: v.astype(mx.float32) for k, v in tree_flatten(module.parameters())},
+                            metadata={"format": "mlx"})
+        target.replace(tmp)
+    with atomic_file(directory / config_name) as tmp:
+        tmp.write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+
+def load_head_files(directory: Path, base: nn.Module, config_name: str, weights_name: str, config_class,
+                    expected, fields, build, what: str):
+    """A draft head stored beside a checkpoint (``save_head_files``), or ``None`` without one.
+
+    ``expected(config)`` is the config the base model calls for; the ``fields`` must agree.
+    ``build(config)`` makes the module the weights go into (cast to the base's dtype).
+
+    Raises:
+        CheckpointError: only one of the two files, a bad config, a config made for another
+            base model (naming the field), corrupt weights or weights of other shapes.
+    """
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    directory = Path(directory)
+    config_file, weights_file = directory / config_name, directory / weights_name
+    if not config_file.exists() and not weights_file.exists():
+        return None
+    if not (config_file.is_file() and weights_file.is_file()):
+        raise CheckpointError(f"{directory} has only one of {config_name} and {weights_name}: "
+                              f"copy both, or delete the one left (then the model has no {what})")
+    try:
+        config = config_class(**json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config_file} is not a config of {what} ({exc})") from None
+    want_config = expected(config)
+    for name in fields:
+        if getattr(config, name) != getattr(want_config, name):
+            raise CheckpointError(
+                f"{config_file} was made for a base model with {name.replace('_', ' ')} "
+                f"{getattr(config, name)}, but this model has {getattr(want_config, name)}: the {what} "
+                "do not belong to this model")
+    module = build(config)
+    try:
+        weights = mx.load(str(weights_file))
+    except Exception as exc:
+        raise CheckpointError(f"{weights_file} is corrupt or not safetensors ({exc})") from None
+    want = dict(tree_flatten(module.parameters()))
+    if set(weights) != set(want) or any(weights[k].shape != want[k].shape for k in want):
+        raise CheckpointError(f"{weights_file} does not match {config_file} and the base model's shapes")
+    dtype = base.model.norm.weight.dtype
+    module.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
+    mx.eval(module.parameters())
+    return module
+
+
+def save_heads(heads: MedusaHeads, directory: Path) -> None:
+    """Write ``medusa.json`` and ``medusa.safetensors`` into ``directory`` (each atomically)."""
+    save_head_files(heads, heads.config, directory, HEADS_CONFIG, HEADS_WEIGHTS)
 
 
 def load_heads(directory: Path, base: nn.Module) -> Optional[MedusaHeads]:
     """The Medusa heads stored beside a checkpoint, or ``None`` when it has none.
 
     Raises:
-        CheckpointError: the files are incomplete, corrupt, or made for another base
-            model (hidden size, vocabulary or layer count differ), naming what differs.
+        CheckpointError: see ``load_head_files``.
     """
-    directory = Path(directory)
-    config_file, weights_file = directory / HEADS_CONFIG, directory / HEADS_WEIGHTS
-    if not config_file.exists() and not weights_file.exists():
-        return None
-    if not (config_file.is_file() and weights_file.is_file()):
-        raise CheckpointError(f"{directory} has only one of {HEADS_CONFIG} and {HEADS_WEIGHTS}: "
-                              "copy both, or delete the one left (then the model has no Medusa heads)")
-    try:
-        raw = json.loads(config_file.read_text())
-        config = HeadsConfig(**raw)
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{config_file} is not a Medusa heads config ({exc})") from None
-    expected = heads_config_for(base, config.num_heads)
-    for name in ("hidden_size", "vocab_size", "num_layers"):
-        if getattr(config, name) != getattr(expected, name):
-            raise CheckpointError(
-                f"{config_file} was made for a base model with {name.replace('_', ' ')} "
-                f"{getattr(config, name)}, but this model has {getattr(expected, name)}: the Medusa "
-                "heads do not belong to this model")
-    heads = MedusaHeads(config)
-    try:
-        weights = mx.load(str(weights_file))
-    except Exception as exc:
-        raise CheckpointError(f"{weights_file} is corrupt or not safetensors ({exc})") from None
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    want = dict(tree_flatten(heads.parameters()))
-    if set(weights) != set(want) or any(weights[k].shape != want[k].shape for k in want):
-        raise CheckpointError(f"{weights_file} does not match {config_file}: expected "
-                              f"{config.num_heads} heads of size {config.hidden_size}")
-    dtype = base.model.norm.weight.dtype
-    heads.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
-    mx.eval(heads.parameters())
-    return heads
+    return load_head_files(directory, base, HEADS_CONFIG, HEADS_WEIGHTS, HeadsConfig,
+                           lambda c: heads_config_for(base, c.num_heads),
+                           ("hidden_size", "vocab_size", "num_layers"), MedusaHeads, "Medusa heads")
