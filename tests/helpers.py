@@ -148,3 +148,15 @@ def decode_tokens(model, prompt, max_tokens, tree=None, speculative=True, drafte
     steps = list(decode(model, prompt, max_tokens, drafter=drafter, **kwargs))
     tokens = [t for s in steps for t in s.tokens][:max_tokens]
     return tokens, steps
+
+
+def write_own_continuations(base, path: Path, count: int = 48, prompt_len: int = 6, tokens: int = 32) -> Path:
+    """``tokens`` records of ``base``'s own greedy continuations of random prompts (seeds
+    100..): what a lossless draft head learns from (self-distillation)."""
+    with Path(path).open("w") as f:
+        for i in range(count):
+            prompt = random_prompt(prompt_len, seed=100 + i)
+            f.write(json.dumps({"tokens": prompt + reference_tokens(base, prompt, tokens),
+                                "loss_start": len(prompt)}) + "\n")
+    return Path(path)
+

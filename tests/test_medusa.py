@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
-from .helpers import decode_tokens, random_prompt, reference_tokens, ss_model, write_base
+from .helpers import decode_tokens, random_prompt, reference_tokens, ss_model, write_base, write_own_continuations
 from specstream_mlx.cli import app
 from specstream_mlx.config import CheckpointError, TreeSettings
 from specstream_mlx.drafters import MedusaDrafter, make_drafter
@@ -78,12 +78,7 @@ def test_train_heads_learns_the_base_and_drafts_through_the_cli(tmp_path):
     from specstream_mlx.loading import load
 
     plain, _ = load(str(ckpt))
-    data = tmp_path / "data.jsonl"
-    with data.open("w") as f:
-        for i in range(48):
-            prompt = random_prompt(6, seed=100 + i)
-            f.write(json.dumps({"tokens": prompt + reference_tokens(plain.base, prompt, 32),
-                                "loss_start": len(prompt)}) + "\n")
+    data = write_own_continuations(plain.base, tmp_path / "data.jsonl")
     out = tmp_path / "medusa"
     args = ["train-heads", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--num-heads", "2",
             "--batch-size", "8", "--max-seq-len", "64", "--learning-rate", "2e-2", "--warmup", "5",
