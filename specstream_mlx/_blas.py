@@ -8,6 +8,16 @@ before anything imports ``mlx``; ``specstream_mlx/__init__.py`` does that.
 
 Set ``SPECSTREAM_BLAS=none`` to skip it, or ``SPECSTREAM_BLAS=/path/lib.so`` to
 choose the library.
+
+OpenBLAS picks its kernels from the CPU model it detects. Releases older
+than the CPU (Debian 12's 0.3.21 on a 2023 Xeon, measured 2026-12-07) do not
+know the model and fall back to the generic "Prescott" (SSE3) kernels: 32-45
+GFLOP/s instead of 160-250 on the same 2 cores. So, unless
+``OPENBLAS_CORETYPE`` is already set, ``preload`` sets it from the CPU's
+flags (``coretype_for``) before the library loads: ``SkylakeX`` where
+AVX-512 is complete, ``Haswell`` where AVX2 and FMA are. Either kernel runs
+on any CPU with those flags, and a current OpenBLAS would choose it (or a
+newer relative of it) itself.
 """
 
 from __future__ import annotations
@@ -46,6 +56,36 @@ def _find() -> str | None:
     return None
 
 
+#: Instruction-set flags each OpenBLAS kernel family needs, best first.
+_CORETYPES = (
+    ("SkylakeX", {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "fma", "avx2"}),
+    ("Haswell", {"avx2", "fma"}),
+)
+
+#: The ``OPENBLAS_CORETYPE`` this module set, or ``None`` (not set by us).
+CORETYPE: str | None = None
+
+
+def coretype_for(flags: set) -> str | None:
+    """The OpenBLAS kernel family for a CPU with these ``/proc/cpuinfo`` flags (``None``: leave
+    OpenBLAS's own choice)."""
+    for name, needed in _CORETYPES:
+        if needed <= flags:
+            return name
+    return None
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def preload() -> str | None:
     """Load OpenBLAS globally if this is Linux and one is installed.
 
@@ -69,6 +109,11 @@ def preload() -> str | None:
     if path is None:
         REASON = "no OpenBLAS found (apt-get install libopenblas0-pthread)"
         return None
+    global CORETYPE
+    if "OPENBLAS_CORETYPE" not in os.environ and platform.machine() in ("x86_64", "AMD64"):
+        CORETYPE = coretype_for(_cpu_flags())
+        if CORETYPE is not None:  # read when the library loads, so set it first
+            os.environ["OPENBLAS_CORETYPE"] = CORETYPE
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
@@ -81,5 +126,7 @@ def preload() -> str | None:
 def describe() -> str:
     """One line for ``--verbose`` output saying which BLAS MLX uses."""
     if LOADED:
-        return f"BLAS: {LOADED} (preloaded before mlx)"
+        kernels = os.environ.get("OPENBLAS_CORETYPE")
+        chosen = "" if kernels is None else f", {kernels} kernels" + (" (from the CPU's flags)" if CORETYPE else "")
+        return f"BLAS: {LOADED} (preloaded before mlx{chosen})"
     return f"BLAS: MLX default ({REASON})"

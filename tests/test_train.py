@@ -534,3 +534,31 @@ def test_lower_cache_files_are_reused_by_the_same_model_only(tmp_path, monkeypat
     other.base.model.embed_tokens.weight = other.base.model.embed_tokens.weight + 1.0
     cached.LowerCache(other, examples, folder=tmp_path).batch([0], 12)
     assert calls == [1]
+
+
+def test_length_grouped_batches_cover_each_epoch_and_cut_padding():
+    from specstream_mlx.train.data import batch_indices
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(20, 400, size=203)
+    per_epoch = 203 // 8
+    for grouped in (None, lengths):
+        order = batch_indices(203, 8, seed=5, lengths=grouped, window=4)
+        epochs = [[next(order) for _ in range(per_epoch)] for _ in range(2)]
+        for batches in epochs:  # each example at most once per epoch, all but the remainder seen
+            seen = np.concatenate(batches)
+            assert len(set(seen.tolist())) == len(seen) == per_epoch * 8
+        assert not all((a == b).all() for a, b in zip(*epochs))  # epochs differ
+    padded = lambda batches: sum(lengths[b].max() * len(b) for b in batches) / sum(lengths[b].sum() for b in batches)
+    plain = [next(batch_indices(203, 8, 5, k)) for k in range(per_epoch)]
+    grouped = [next(batch_indices(203, 8, 5, k, lengths=lengths, window=4)) for k in range(per_epoch)]
+    assert padded(grouped) < 1.3 < 1.5 < padded(plain)  # measured: 1.21 and 1.6-1.7
+    # the batch of step k does not depend on where the iterator started (exact resume)
+    late = batch_indices(203, 8, 5, start_step=per_epoch + 3, lengths=lengths, window=4)
+    early = batch_indices(203, 8, 5, lengths=lengths, window=4)
+    for _ in range(per_epoch + 3):
+        next(early)
+    assert (next(late) == next(early)).all()
+    # without lengths, the batches are the permutation's slices, as before grouping existed
+    perm = np.random.default_rng(5).permutation(203)
+    assert (next(batch_indices(203, 8, 5, 1)) == perm[8:16]).all()

@@ -47,6 +47,7 @@ def environment(dtype: Optional[str] = None) -> dict:
         "backend": backend(),
         "dtype": dtype,
         "blas": _blas.describe(),
+        "cpu": cpu_model(),
     }
     threads = {k: os.environ[k] for k in
                ("SPECSTREAM_BLAS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MLX_DISABLE_COMPILE")
@@ -91,6 +92,18 @@ def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> dict:
     return {"gbps": 2 * count * 4 / best / 1e9, "method": method, "megabytes": megabytes}
 
 
+def cpu_model() -> Optional[str]:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def device_report(base_model, dtype: str) -> dict:
     """Backend, dtype, BLAS, mlx version, bandwidth and the speed upper bound.
 
@@ -104,6 +117,7 @@ def device_report(base_model, dtype: str) -> dict:
         "backend": backend(),
         "dtype": dtype,
         "blas": _blas.describe(),
+        "cpu": cpu_model(),
         "mlx": mx.__version__,
         "bandwidth_gbps": bandwidth["gbps"],
         "bandwidth_method": bandwidth["method"],
@@ -117,7 +131,7 @@ def format_device_report(report: dict, ar_tps: Optional[float]) -> str:
     lines = [
         "## Device",
         f"- backend: {report['backend']}, dtype: {report['dtype']}, mlx {report['mlx']}",
-        f"- {report['blas']}",
+        f"- {report['blas']}" + (f" on {report['cpu']}" if report.get("cpu") else ""),
         f"- memory bandwidth: {report['bandwidth_gbps']:.1f} GB/s ({report['bandwidth_method']})",
         f"- weights: {report['weight_bytes'] / 1e6:.1f} MB -> upper bound "
         f"{report['upper_bound_tps']:.1f} tokens/s (bandwidth / bytes of weights)",

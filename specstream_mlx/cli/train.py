@@ -56,6 +56,9 @@ def train(
         None, "--positions",
         help="Cached training: streams of this many random positions per example and step "
              "(default: all); cheaper steps, so more examples per step."),
+    group_by_length: bool = typer.Option(
+        True, "--group-by-length/--no-group-by-length",
+        help="Batch examples of similar length together (less padding), as mlx-lm's trainer does."),
     seed: int = typer.Option(0),
 ):
     """Fine-tune the streams (lossless) or streams + LoRA (shared mode)."""
@@ -74,6 +77,7 @@ def train(
             learning_rate=learning_rate, embedding_lr=embedding_lr, warmup=warmup,
             schedule=schedule, lora_rank=lora_rank, seed=seed, save_every=save_every,
             positions=positions, val_every=val_every if val_data else 0,
+            group_by_length=group_by_length,
         )
         if out.exists() and not resume:
             raise UsageError(f"{out} exists: pass --resume to continue it, or choose another --out")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -127,21 +127,40 @@ def load_examples(path: str, tokenizer, split: str = "train",
     return examples
 
 
-def batch_indices(count: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+def batch_indices(count: int, batch_size: int, seed: int, start_step: int = 0,
+                  lengths: Optional[Sequence[int]] = None, window: int = 32) -> Iterator[np.ndarray]:
     """Endless deterministic batches of example indices.
 
     Epoch ``e`` is a permutation seeded with ``seed + e``; the batch of step
     ``k`` is the same whatever ``start_step`` is (so resumed runs continue
     exactly).
+
+    With ``lengths`` (tokens per example), batches are grouped by length as
+    mlx-lm's trainer does, so little of a batch is padding: each run of
+    ``window`` batches of the permutation is sorted by length and cut into
+    batches, and the epoch's batches are then shuffled (same seed). Every
+    example is still seen once per epoch.
     """
     per_epoch = max(1, count // batch_size)
-    step = start_step
+    step, epoch_batches = start_step, (None, None)
     while True:
         epoch, index = divmod(step, per_epoch)
-        order = np.random.default_rng(seed + epoch).permutation(count)
-        if count < batch_size:
-            order = np.resize(order, batch_size)
-        yield order[index * batch_size : (index + 1) * batch_size]
+        if epoch_batches[0] != epoch:
+            rng = np.random.default_rng(seed + epoch)
+            order = rng.permutation(count)
+            if count < batch_size:
+                order = np.resize(order, batch_size)
+            order = order[: per_epoch * batch_size]
+            if lengths is not None:
+                span = window * batch_size
+                order = np.concatenate([
+                    chunk[np.argsort([lengths[i] for i in chunk], kind="stable")]
+                    for chunk in np.split(order, range(span, len(order), span))])
+            batches = order.reshape(per_epoch, batch_size)
+            if lengths is not None:
+                batches = batches[rng.permutation(per_epoch)]
+            epoch_batches = (epoch, batches)
+        yield epoch_batches[1][index]
         step += 1
 
 

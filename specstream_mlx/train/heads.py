@@ -62,6 +62,7 @@ class HeadsTrainConfig:
     seed: int = 0
     save_every: int = 100
     report_every: int = 10
+    group_by_length: bool = True  # batches of similar lengths (mlx-lm's trainer does the same)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -228,7 +229,8 @@ def train_heads(model: SpecStreamModel, examples: List[Example], config: HeadsTr
         start = int(json.loads(state_file.read_text())["step"])
     hidden = final_hidden(model, examples, config.max_seq_len)
     step_fn = nn.value_and_grad(heads, loss)
-    order = batch_indices(len(examples), config.batch_size, config.seed, start)
+    lengths = [min(len(e.tokens), config.max_seq_len) for e in examples] if config.group_by_length else None
+    order = batch_indices(len(examples), config.batch_size, config.seed, start, lengths=lengths)
     figures, seen, tic = {}, 0, time.perf_counter()
     for step in range(start + 1, config.iters + 1):
         indices = next(order)

@@ -55,6 +55,7 @@ class TrainConfig:
     val_every: int = 0
     val_prompts: int = 4
     val_max_tokens: int = 64
+    group_by_length: bool = True  # batches of similar lengths (mlx-lm's trainer does the same)
 
     def __post_init__(self):
         """Refuse settings that cannot train (``ValueError`` naming the setting)."""
@@ -259,7 +260,8 @@ def train(
             lowers = LowerCache(model, examples, folder=out.parent / f"{out.name}.lower-cache")
         step_fn = nn.value_and_grad(
             model, lambda m, t, k, low=None: loss_fn(m, t, k, config.weights, low))
-    order = batch_indices(len(examples), config.batch_size, config.seed, start)
+    lengths = [min(len(e.tokens), config.max_seq_len) for e in examples] if config.group_by_length else None
+    order = batch_indices(len(examples), config.batch_size, config.seed, start, lengths=lengths)
     figures: dict = {}
     tokens_seen, tic = 0, time.perf_counter()
     for step in range(start + 1, config.iters + 1):
