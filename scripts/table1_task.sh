@@ -7,7 +7,7 @@
 #   with --stream-weight 0 --exit-weight 0)
 #   env: T=~/.cache/specstream-mlx/tasks  N_SPEED=16 (test prompts for speed)
 #        N_SWEEP=6 (dev prompts for the tree sweep)  NAME (shipped name, e.g. smollm2-135m-e2e-nlg)
-#        SKIP_SWEEP=1 (keep SS_RUN's tree)
+#        SKIP_SWEEP=1 (keep SS_RUN's tree)  N_QUALITY (first N test examples for quality; default all)
 # Steps: 1. tree sweep on dev, the fastest tree saved into SS_RUN as this backend's default;
 #        2. SS_RUN packaged as the named task model (float16 streams + LoRA) when NAME is set;
 #        3. speed on test: ar, ss, pld, draft interleaved in one run, on the model users get;
@@ -24,6 +24,7 @@ case $TASK in
 esac
 T=${T:-$HOME/.cache/specstream-mlx/tasks}; D=$T/$TASK
 N_SPEED=${N_SPEED:-16}; N_SWEEP=${N_SWEEP:-6}
+QUALITY=(); [ -n "${N_QUALITY:-}" ] && QUALITY=(--num "$N_QUALITY")
 S=.venv/bin/specstream-mlx; PY=.venv/bin/python
 mkdir -p "$OUT"
 if [ "${SKIP_SWEEP:-0}" != 1 ]; then
@@ -39,8 +40,9 @@ if [ -n "${NAME:-}" ]; then
 fi
 $S bench --model "$MODEL" --data "$D/test.jsonl" --num-prompts "$N_SPEED" -m "$TOKENS" \
   --methods ar,ss,pld,draft --device-report --out "$OUT/speed-test"
-$S eval --model "$MODEL" --data "$D/test.jsonl" --metric "$METRIC" -m "$TOKENS" --out "$OUT/quality-ss.json"
-$S eval --model "$BASE_RUN" --data "$D/test.jsonl" --metric "$METRIC" -m "$TOKENS" --no-spec \
+$S eval --model "$MODEL" --data "$D/test.jsonl" --metric "$METRIC" -m "$TOKENS" "${QUALITY[@]}" \
+  --out "$OUT/quality-ss.json"
+$S eval --model "$BASE_RUN" --data "$D/test.jsonl" --metric "$METRIC" -m "$TOKENS" --no-spec "${QUALITY[@]}" \
   --out "$OUT/quality-baseline.json"
 $PY scripts/table1.py --dataset "$LABEL" --bench "$OUT/speed-test/results.json" \
   --ss-eval "$OUT/quality-ss.json" --baseline-eval "$OUT/quality-baseline.json" --header | tee "$OUT/rows.md"
