@@ -75,15 +75,16 @@ def coretype_for(flags: set) -> str | None:
     return None
 
 
-def _cpu_flags() -> set:
+def cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of ``/proc/cpuinfo`` (``"flags"``, ``"model name"``), or ``None``."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.split(":", 1)[0].strip() == field:
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
 
 
 def preload() -> str | None:
@@ -92,7 +93,7 @@ def preload() -> str | None:
     Returns:
         The path loaded, or ``None`` (see ``REASON``).
     """
-    global LOADED, REASON
+    global LOADED, REASON, CORETYPE
     if LOADED is not None:
         return LOADED
     choice = os.environ.get("SPECSTREAM_BLAS", "auto")
@@ -109,9 +110,8 @@ def preload() -> str | None:
     if path is None:
         REASON = "no OpenBLAS found (apt-get install libopenblas0-pthread)"
         return None
-    global CORETYPE
     if "OPENBLAS_CORETYPE" not in os.environ and platform.machine() in ("x86_64", "AMD64"):
-        CORETYPE = coretype_for(_cpu_flags())
+        CORETYPE = coretype_for(set((cpuinfo("flags") or "").split()))
         if CORETYPE is not None:  # read when the library loads, so set it first
             os.environ["OPENBLAS_CORETYPE"] = CORETYPE
     try:

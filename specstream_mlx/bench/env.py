@@ -94,14 +94,7 @@ def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> dict:
 
 def cpu_model() -> Optional[str]:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
+    return _blas.cpuinfo("model name") or platform.processor() or None
 
 
 def device_report(base_model, dtype: str) -> dict:

@@ -164,6 +164,13 @@ def batch_indices(count: int, batch_size: int, seed: int, start_step: int = 0,
         step += 1
 
 
+def training_batches(examples: Sequence[Example], batch_size: int, seed: int, start_step: int,
+                     max_seq_len: int, group_by_length: bool) -> Iterator[np.ndarray]:
+    """``batch_indices`` over training examples, grouped by their (truncated) lengths when asked."""
+    lengths = [min(len(e.tokens), max_seq_len) for e in examples] if group_by_length else None
+    return batch_indices(len(examples), batch_size, seed, start_step, lengths=lengths)
+
+
 def collate(examples: Sequence[Example], indices: Sequence[int], max_seq_len: int) -> tuple:
     """Pad the chosen examples into one batch.
 

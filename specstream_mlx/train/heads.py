@@ -41,7 +41,7 @@ from ..eagle import EAGLE_CONFIG, EAGLE_WEIGHTS, EagleHead, eagle_config_for, lo
 from ..families import embed, lm_head
 from ..heads import HEADS_CONFIG, HEADS_WEIGHTS, MedusaHeads, heads_config_for, load_heads, save_heads
 from ..model import SpecStreamModel
-from .data import Example, batch_indices, collate
+from .data import Example, collate, training_batches
 
 KINDS = ("medusa", "eagle")
 
@@ -229,8 +229,8 @@ def train_heads(model: SpecStreamModel, examples: List[Example], config: HeadsTr
         start = int(json.loads(state_file.read_text())["step"])
     hidden = final_hidden(model, examples, config.max_seq_len)
     step_fn = nn.value_and_grad(heads, loss)
-    lengths = [min(len(e.tokens), config.max_seq_len) for e in examples] if config.group_by_length else None
-    order = batch_indices(len(examples), config.batch_size, config.seed, start, lengths=lengths)
+    order = training_batches(examples, config.batch_size, config.seed, start, config.max_seq_len,
+                             config.group_by_length)
     figures, seen, tic = {}, 0, time.perf_counter()
     for step in range(start + 1, config.iters + 1):
         indices = next(order)

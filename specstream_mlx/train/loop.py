@@ -25,7 +25,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..config import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
-from .data import Example, batch_indices, collate
+from .data import Example, collate, training_batches
 from .losses import LossWeights, loss_fn
 from ..atomic import atomic_dir
 from ..model import SpecStreamModel
@@ -260,8 +260,8 @@ def train(
             lowers = LowerCache(model, examples, folder=out.parent / f"{out.name}.lower-cache")
         step_fn = nn.value_and_grad(
             model, lambda m, t, k, low=None: loss_fn(m, t, k, config.weights, low))
-    lengths = [min(len(e.tokens), config.max_seq_len) for e in examples] if config.group_by_length else None
-    order = batch_indices(len(examples), config.batch_size, config.seed, start, lengths=lengths)
+    order = training_batches(examples, config.batch_size, config.seed, start, config.max_seq_len,
+                             config.group_by_length)
     figures: dict = {}
     tokens_seen, tic = 0, time.perf_counter()
     for step in range(start + 1, config.iters + 1):
