@@ -8,10 +8,12 @@
 #   env: T=~/.cache/specstream-mlx/tasks  N_SPEED=16 (test prompts for speed)
 #        N_SWEEP=6 (dev prompts for the tree sweep)  NAME (shipped name, e.g. smollm2-135m-e2e-nlg)
 #        SKIP_SWEEP=1 (keep SS_RUN's tree)  N_QUALITY (first N test examples for quality; default all)
+#        EVAL_BATCH=32 (quality: examples decoded together by mlx-lm's batch_generate)
 # Steps: 1. tree sweep on dev, the fastest tree saved into SS_RUN as this backend's default;
 #        2. SS_RUN packaged as the named task model (float16 streams + LoRA) when NAME is set;
 #        3. speed on test: ar, ss, pld, draft interleaved in one run, on the model users get;
-#        4. quality on test: the SS model (its own greedy text) and the baseline;
+#        4. quality on test: the SS model (its own greedy text, which the speed run checks
+#           speculative decoding returns) and the baseline, by batched plain decoding;
 #        5. the table rows (scripts/table1.py), also written to OUT/rows.md.
 set -euo pipefail
 TASK=${1:?usage: bash scripts/table1_task.sh TASK SS_RUN BASELINE_RUN OUT}
@@ -40,9 +42,10 @@ if [ -n "${NAME:-}" ]; then
 fi
 $S bench --model "$MODEL" --data "$D/test.jsonl" --num-prompts "$N_SPEED" -m "$TOKENS" \
   --methods ar,ss,pld,draft --device-report --out "$OUT/speed-test"
+EVAL_BATCH=${EVAL_BATCH:-32}
 $S eval --model "$MODEL" --data "$D/test.jsonl" --metric "$METRIC" -m "$TOKENS" "${QUALITY[@]}" \
-  --out "$OUT/quality-ss.json"
-$S eval --model "$BASE_RUN" --data "$D/test.jsonl" --metric "$METRIC" -m "$TOKENS" --no-spec "${QUALITY[@]}" \
-  --out "$OUT/quality-baseline.json"
+  --batch-size "$EVAL_BATCH" --out "$OUT/quality-ss.json"
+$S eval --model "$BASE_RUN" --data "$D/test.jsonl" --metric "$METRIC" -m "$TOKENS" "${QUALITY[@]}" \
+  --batch-size "$EVAL_BATCH" --out "$OUT/quality-baseline.json"
 $PY scripts/table1.py --dataset "$LABEL" --bench "$OUT/speed-test/results.json" \
   --ss-eval "$OUT/quality-ss.json" --baseline-eval "$OUT/quality-baseline.json" --header | tee "$OUT/rows.md"

@@ -227,6 +227,23 @@ def load(
     return model, tokenizer
 
 
+def load_mlx_lm(path_or_repo: str, dtype: Optional[mx.Dtype] = None,
+                revision: Optional[str] = None) -> Tuple[object, object]:
+    """The checkpoint's base model as mlx-lm loads it (no streams), for plain decoding.
+
+    The same cast as ``load`` (float32 on the CPU by default), so its text is the
+    main stream's; ``bench``'s ``ar`` method decodes this model.
+
+    Raises:
+        CheckpointError: a missing or unreadable checkpoint.
+    """
+    path = resolve_path(path_or_repo, revision)
+    _read_base_config(path)
+    base, tokenizer, _, _ = _load_base(path, dtype)
+    mx.eval(base.parameters())
+    return base, tokenizer
+
+
 def save_streams(model: SpecStreamModel, directory: Path) -> None:
     """Write ``specstream.json`` and ``specstream.safetensors`` into ``directory``."""
     write_config(model.config, directory)

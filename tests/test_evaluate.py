@@ -50,7 +50,7 @@ def test_paired_difference_refuses_unpaired_results():
         paired_difference({"metric": "rouge", "quality": 0.3}, {"metric": "rouge", "scores": [1.0]})
 
 
-def test_cli_eval_stores_scores_and_no_spec_gives_the_same_text(tmp_path):
+def test_cli_eval_stores_scores_and_no_spec_and_batches_give_the_same_text(tmp_path):
     base = write_base(tmp_path / "base", "llama")
     ckpt = tmp_path / "ckpt"
     runner = CliRunner()
@@ -58,9 +58,9 @@ def test_cli_eval_stores_scores_and_no_spec_gives_the_same_text(tmp_path):
     assert result.exit_code == 0, result.output
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"say {w}", "completion": f"{w} {w} done"}) + "\n"
-                            for w in ("a", "b", "c", "d")))
+                            for w in ("a", "b b b", "c c", "d")))  # prompts of unequal length
     figures = {}
-    for name, extra in (("spec", []), ("plain", ["--no-spec"])):
+    for name, extra in (("spec", []), ("plain", ["--no-spec"]), ("batched", ["--batch-size", "2"])):
         out = tmp_path / f"{name}.json"
         result = runner.invoke(app, ["eval", "--model", str(ckpt), "--data", str(data), "--num", "3",
                                      "-m", "8", "--out", str(out)] + extra)
@@ -78,6 +78,12 @@ def test_cli_eval_stores_scores_and_no_spec_gives_the_same_text(tmp_path):
     assert spec["outputs"] == plain["outputs"]
     assert spec["scores"] == plain["scores"]
     assert paired_difference(spec, plain)["difference"] == 0.0
+    # mlx-lm's batch_generate (left-padded batches of 2) writes the same greedy text.
+    batched = figures["batched"]
+    assert batched["outputs"] == plain["outputs"] and batched["scores"] == plain["scores"]
+    assert batched["batch_size"] == 2 and batched["tokens_per_forward"] is None
+    result = runner.invoke(app, ["eval", "--model", str(ckpt), "--data", str(data), "--batch-size", "0"])
+    assert result.exit_code != 0 and "--batch-size" in result.output
 
 
 # ---------------------------------------------------------------- the paper's metrics

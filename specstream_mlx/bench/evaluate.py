@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 import re
 import sys
+import time
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..drafters import Drafter
-from ..generate import stream_generate
+from ..generate import encode_prompt, stream_generate
 from ..records import read_records
 
 
@@ -162,46 +163,94 @@ def evaluate(model, tokenizer, path: str, metric: str = "rouge", limit: Optional
         ValueError: an unknown metric.
         RecordError: missing or empty file, or a bad line.
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    score = METRICS[metric]
-    both = metric in ROUGE_METRICS
+    _check_metric(metric)
     examples = _examples(path, tokenizer, limit)
-    scores, outputs, tps, speed = [], [], 0.0, _SpeedTally()
-    rouge: Dict[str, List[float]] = {"rouge1": [], "rougeL": []}
-    for i, (prompt, references) in enumerate(examples, start=1):
+    outputs, speed, tps = [], _SpeedTally(), 0.0
+    for i, (prompt, _) in enumerate(examples, start=1):
         text, last = "", None
         for last in stream_generate(model, tokenizer, prompt, max_tokens, drafter=drafter):
             text += last.text
+        outputs.append(text)
+        tps += last.generation_tps
+        speed.add(last)
+        print(f"\r[eval] {i}/{len(examples)} tokens/forward={speed.tokens_per_forward:.2f}",
+              file=sys.stderr, end="", flush=True)
+    print(file=sys.stderr)
+    figures = score_outputs(examples, outputs, metric)
+    figures.update({
+        "tokens_per_forward": speed.tokens_per_forward,
+        "generation_tps": tps / len(examples),
+        "acceptance_by_depth": speed.acceptance_by_depth,
+    })
+    return figures
+
+
+def evaluate_batched(base, tokenizer, path: str, metric: str = "rouge", limit: Optional[int] = None,
+                     max_tokens: int = 128, batch_size: int = 32) -> dict:
+    """``evaluate`` by plain greedy decoding, ``batch_size`` examples at a time.
+
+    The text is mlx-lm's: ``mlx_lm.batch_generate`` on ``base`` (the mlx-lm
+    model of the checkpoint, as ``bench``'s ``ar`` method decodes it), with the
+    prompts encoded as ``generate`` encodes them. It is the model's own greedy
+    text, which is what speculative decoding emits, so quality needs no
+    drafting; the batch only changes float rounding (padding, row count), which
+    can flip a near-tie. No tokens per forward are measured (``None``).
+    """
+    from mlx_lm import batch_generate
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    _check_metric(metric)
+    examples = _examples(path, tokenizer, limit)
+    prompts = [encode_prompt(tokenizer, prompt) for prompt, _ in examples]
+    outputs: List[str] = []
+    tic = time.perf_counter()
+    for start in range(0, len(prompts), batch_size):
+        response = batch_generate(base, tokenizer, prompts[start : start + batch_size],
+                                  max_tokens=max_tokens)
+        outputs.extend(response.texts)
+        print(f"\r[eval] {len(outputs)}/{len(prompts)} "
+              f"({len(outputs) / (time.perf_counter() - tic):.2f} examples/s)",
+              file=sys.stderr, end="", flush=True)
+    print(file=sys.stderr)
+    figures = score_outputs(examples, outputs, metric)
+    figures.update({"tokens_per_forward": None, "generation_tps": None,
+                    "acceptance_by_depth": None, "batch_size": batch_size})
+    return figures
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+
+
+def score_outputs(examples: Sequence[Tuple[str, List[str]]], outputs: Sequence[str],
+                  metric: str) -> dict:
+    """Quality figures of generated texts against each example's references.
+
+    Returns ``{"examples", "metric", "quality", "quality_stderr", "scores",
+    "outputs"}``, plus ``"rouge1"``, ``"rougeL"`` and ``"scores_by_metric"``
+    for a ROUGE metric (see ``evaluate``).
+    """
+    _check_metric(metric)
+    assert len(examples) == len(outputs), (len(examples), len(outputs))
+    both = metric in ROUGE_METRICS
+    scores: List[float] = []
+    rouge: Dict[str, List[float]] = {"rouge1": [], "rougeL": []}
+    for (_, references), text in zip(examples, outputs):
         if both:
             rouge["rouge1"].append(best_score(rouge_1, text, references))
             rouge["rougeL"].append(best_score(rouge_l, text, references))
             scores.append(rouge["rouge1" if metric == "rouge1" else "rougeL"][-1])
         else:
-            scores.append(best_score(score, text, references))
-        outputs.append(text)
-        tps += last.generation_tps
-        speed.add(last)
-        print(f"\r[eval] {i}/{len(examples)} {metric}={sum(scores) / i:.3f} "
-              f"tokens/forward={speed.tokens_per_forward:.2f}", file=sys.stderr, end="", flush=True)
-    print(file=sys.stderr)
+            scores.append(best_score(METRICS[metric], text, references))
     mean, stderr = _mean_and_stderr(scores)
-    figures = {
-        "examples": len(examples),
-        "metric": metric,
-        "quality": mean,
-        "quality_stderr": stderr,
-    }
+    figures = {"examples": len(examples), "metric": metric, "quality": mean,
+               "quality_stderr": stderr}
     if both:
         figures.update({name: sum(values) / len(values) for name, values in rouge.items()})
         figures["scores_by_metric"] = rouge
-    figures.update({
-        "tokens_per_forward": speed.tokens_per_forward,
-        "generation_tps": tps / len(examples),
-        "acceptance_by_depth": speed.acceptance_by_depth,
-        "scores": scores,
-        "outputs": outputs,
-    })
+    figures.update({"scores": scores, "outputs": list(outputs)})
     return figures
 
 
