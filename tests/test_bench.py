@@ -108,6 +108,7 @@ def test_bench_writes_results_table_and_plot(full_run, checkpoint):
     for name in methods:
         assert f"| {name} |" in table
     assert "## Device" in table and "upper bound" in table
+    assert device["exp_ns"] > 0 and device["add_ns"] > 0 and "exp " in table
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -92,6 +92,31 @@ def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> dict:
     return {"gbps": 2 * count * 4 / best / 1e9, "method": method, "megabytes": megabytes}
 
 
+def measure_elementwise(count: int = 1 << 22, repeats: int = 5) -> dict:
+    """Nanoseconds per element of ``mx.exp`` and of an add on this backend, best of ``repeats``.
+
+    Softmax (attention) and SiLU cost one ``exp`` per element: on a backend where
+    ``exp`` is many times an add, every extra tree row costs more than its
+    matmuls. (mlx's Linux CPU wheel: about 20 ns per ``exp``, 0.5 per add.)
+
+    Returns:
+        ``{"exp_ns", "add_ns", "elements"}``.
+    """
+    x = mx.random.normal((count,), key=mx.random.key(0))
+    mx.eval(x)
+    figures = {}
+    for name, op in (("exp_ns", mx.exp), ("add_ns", lambda a: a + 1.0)):
+        mx.eval(op(x))
+        best = float("inf")
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            mx.eval(op(x))
+            best = min(best, time.perf_counter() - tic)
+        figures[name] = best / count * 1e9
+    figures["elements"] = count
+    return figures
+
+
 def cpu_model() -> Optional[str]:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
     return _blas.cpuinfo("model name") or platform.processor() or None
@@ -105,6 +130,7 @@ def device_report(base_model, dtype: str) -> dict:
         dtype: its floating dtype, as text.
     """
     bandwidth = measure_bandwidth()
+    elementwise = measure_elementwise()
     size = weight_bytes(base_model)
     return {
         "backend": backend(),
@@ -116,6 +142,8 @@ def device_report(base_model, dtype: str) -> dict:
         "bandwidth_method": bandwidth["method"],
         "weight_bytes": size,
         "upper_bound_tps": bandwidth["gbps"] * 1e9 / size,
+        "exp_ns": elementwise["exp_ns"],
+        "add_ns": elementwise["add_ns"],
     }
 
 
@@ -129,6 +157,9 @@ def format_device_report(report: dict, ar_tps: Optional[float]) -> str:
         f"- weights: {report['weight_bytes'] / 1e6:.1f} MB -> upper bound "
         f"{report['upper_bound_tps']:.1f} tokens/s (bandwidth / bytes of weights)",
     ]
+    if report.get("exp_ns") is not None:  # reports written before it have none
+        lines.append(f"- elementwise: exp {report['exp_ns']:.2f} ns, add {report['add_ns']:.2f} ns "
+                     f"per element (softmax and SiLU pay one exp per element)")
     if ar_tps is not None:
         share = ar_tps / report["upper_bound_tps"]
         lines.append(f"- measured ar: {ar_tps:.1f} tokens/s ({share:.0%} of the bound)")
