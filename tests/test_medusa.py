@@ -113,3 +113,45 @@ def test_train_heads_learns_the_base_and_drafts_through_the_cli(tmp_path):
 def test_heads_config_refuses_zero_heads():
     with pytest.raises(ValueError, match="num_heads must be at least 1"):
         HeadsConfig(0, 64, 272, 4)
+
+
+def test_medusa2_trains_heads_with_lora_in_shared_mode_and_decodes_its_own_text(tmp_path):
+    """Medusa-2 (`train --medusa-heads`): heads and LoRA trained together with the main
+    loss. The output model drafts with its heads, and its text is its own greedy text."""
+    base = write_base(tmp_path / "base", "llama")
+    ckpt = tmp_path / "ckpt"
+    runner = CliRunner()
+    result = runner.invoke(app, ["init", "--model", str(base), "--out", str(ckpt), "--stream-layers", "2"])
+    assert result.exit_code == 0, result.output
+    from specstream_mlx.loading import load
+
+    plain, _ = load(str(ckpt))
+    data = write_own_continuations(plain.base, tmp_path / "data.jsonl")
+    out = tmp_path / "medusa2"
+    args = ["train", "--model", str(ckpt), "--fresh-streams", "--mode", "shared", "--data", str(data),
+            "--out", str(out), "--medusa-heads", "2", "--stream-weight", "0", "--exit-weight", "0",
+            "--lora-rank", "4", "--batch-size", "8", "--max-seq-len", "64", "--learning-rate", "5e-3",
+            "--warmup", "5", "--save-every", "30"]
+    result = runner.invoke(app, args + ["--iters", "60"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout[result.stdout.index("{"):])
+    assert figures["medusa_1_acc"] > 0.2 and "medusa_2_loss" in figures and "stream_1_loss" not in figures
+    result = runner.invoke(app, args + ["--iters", "80", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "training_state.json").read_text())["step"] == 80
+
+    model, _ = load(str(out))
+    assert model.config.shared and model.medusa is not None and model.medusa.config.num_heads == 2
+    accepted = forwards = 0
+    for i in range(4):  # training prompts
+        prompt = random_prompt(6, seed=100 + i)
+        tokens, steps = decode_tokens(model, prompt, 24, drafter=make_drafter(
+            model, TreeSettings((2, 1), None), source="medusa"))
+        assert tokens == reference_tokens(model.base, prompt, 24)  # the trained model's own text
+        accepted += sum(s.accepted for s in steps[1:])
+        forwards += len(steps) - 1
+    assert accepted / forwards > 0.5, (accepted, forwards)
+    # Medusa-2 needs shared mode: in lossless mode the heads are train-heads' (Medusa-1).
+    result = runner.invoke(app, ["train", "--model", str(ckpt), "--data", str(data), "--out",
+                                 str(tmp_path / "refused"), "--medusa-heads", "2", "--iters", "1"])
+    assert result.exit_code != 0 and "train-heads --kind medusa" in result.output

@@ -43,6 +43,13 @@ def train(
     main_weight: Optional[float] = typer.Option(None, "--main-weight", help="alpha_0 (lossless: 0, shared: 1)."),
     exit_weight: float = typer.Option(0.1, "--exit-weight", help="Early-exit (pruning) loss weight."),
     lora_rank: int = typer.Option(32, "--lora-rank", help="LoRA rank (shared mode)."),
+    medusa_heads: int = typer.Option(
+        0, "--medusa-heads", min=0,
+        help="Shared mode: train this many Medusa heads with the LoRA (Medusa-2, the paper's "
+             "peer; add --stream-weight 0 for heads alone). Medusa-1 on a frozen base is "
+             "`train-heads --kind medusa`."),
+    medusa_weight: float = typer.Option(
+        0.2, "--medusa-weight", help="Medusa-2's lambda_0: head k's loss weight is this x 0.8^(k-1)."),
     save_every: int = typer.Option(100, "--save-every"),
     val_every: int = typer.Option(0, "--val-every", help="Decode validation prompts every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
@@ -77,7 +84,7 @@ def train(
             learning_rate=learning_rate, embedding_lr=embedding_lr, warmup=warmup,
             schedule=schedule, lora_rank=lora_rank, seed=seed, save_every=save_every,
             positions=positions, val_every=val_every if val_data else 0,
-            group_by_length=group_by_length,
+            group_by_length=group_by_length, medusa_heads=medusa_heads,
         )
         if out.exists() and not resume:
             raise UsageError(f"{out} exists: pass --resume to continue it, or choose another --out")
@@ -94,6 +101,10 @@ def train(
         ss_model, tokenizer, base_dir = load_for_training(
             source, mode=mode, seed=seed, fresh_streams=fresh, **settings)
         shared = ss_model.config.shared
+        if medusa_heads and not shared:
+            raise UsageError("--medusa-heads trains heads with LoRA in shared mode (Medusa-2): add "
+                             "--mode shared, or train heads on the frozen base with "
+                             "`specstream-mlx train-heads --kind medusa` (Medusa-1)")
         use_cache = True if cached is None else cached
         if positions is not None and (shared or not use_cache):
             raise UsageError("--positions works with cached training in lossless mode only")
@@ -110,7 +121,7 @@ def train(
             validate = lambda m: speed_on_prompts(m, tokenizer, prompts)  # noqa: E731
         weights = LossWeights(
             main=main_weight if main_weight is not None else (1.0 if shared else 0.0),
-            stream=stream_weight, early_exit=exit_weight,
+            stream=stream_weight, early_exit=exit_weight, medusa=medusa_weight,
         )
         config.weights = weights
         figures = run_train(ss_model, examples, config, base_dir, out,

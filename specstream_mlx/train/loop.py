@@ -25,6 +25,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..config import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
+from ..eagle import EAGLE_CONFIG
+from ..heads import HEADS_CONFIG, MedusaHeads, heads_config_for, save_heads
 from .data import Example, collate, training_batches
 from .losses import LossWeights, loss_fn
 from ..atomic import atomic_dir
@@ -49,6 +51,7 @@ class TrainConfig:
     weights: LossWeights = field(default_factory=LossWeights)
     lora_rank: int = 32
     lora_scale: float = 2.0
+    medusa_heads: int = 0  # shared mode: Medusa heads trained with the LoRA (Medusa-2)
     seed: int = 0
     save_every: int = 100
     report_every: int = 10
@@ -62,6 +65,8 @@ class TrainConfig:
         for name in ("iters", "batch_size", "max_seq_len", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.medusa_heads < 0:
+            raise ValueError(f"medusa_heads must be >= 0 (0: none), got {self.medusa_heads}")
         if self.positions is not None and self.positions < 1:
             raise ValueError(f"positions must be at least 1, got {self.positions}")
         for name in ("learning_rate", "embedding_lr"):
@@ -77,8 +82,13 @@ def make_trainable(model: SpecStreamModel, config: TrainConfig) -> None:
 
     Lossless: stream embeddings, pruning adapter, stream adapters. Shared: the
     same plus LoRA (rank ``config.lora_rank``) on the top ``Ns`` layers, so
-    gradients never need to flow through the frozen lower layers.
+    gradients never need to flow through the frozen lower layers; with
+    ``config.medusa_heads``, Medusa heads too (Medusa-2: heads and LoRA trained
+    together, the main loss keeping the model's quality).
     """
+    if config.medusa_heads and not model.config.shared:
+        raise ValueError("Medusa heads train with the LoRA in shared mode (Medusa-2); for heads on "
+                         "a frozen base (Medusa-1, lossless) use `specstream-mlx train-heads --kind medusa`")
     model.freeze()
     if model.config.shared:
         from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -91,6 +101,16 @@ def make_trainable(model: SpecStreamModel, config: TrainConfig) -> None:
     model.prune_adapter.unfreeze()
     for adapter in model.stream_adapters:
         adapter.unfreeze()
+    if config.medusa_heads:
+        heads = model.medusa
+        if heads is None:
+            heads = MedusaHeads(heads_config_for(model.base, config.medusa_heads))
+        elif heads.config.num_heads != config.medusa_heads:
+            raise ValueError(f"the checkpoint has {heads.config.num_heads} Medusa heads, not "
+                             f"{config.medusa_heads}: train as many, or start from its base model")
+        model.set_medusa(heads)
+        model.medusa_training = heads  # a child module while training, so its weights learn
+        heads.unfreeze()
 
 
 def trainable_names(model: nn.Module) -> List[str]:
@@ -152,8 +172,8 @@ def save_checkpoint(model, optimizer, step: int, config: TrainConfig, base_dir: 
                 continue
             if item.name in (CONFIG_FILE, WEIGHTS_FILE) or (shared and item.suffix == ".safetensors"):
                 continue
-            if shared and item.name == "model.safetensors.index.json":
-                continue
+            if shared and item.name in ("model.safetensors.index.json", HEADS_CONFIG, EAGLE_CONFIG):
+                continue  # draft heads made for the old base (Medusa-2's own are saved below)
             try:
                 os.link(item, tmp / item.name)
             except OSError:
@@ -162,6 +182,8 @@ def save_checkpoint(model, optimizer, step: int, config: TrainConfig, base_dir: 
             mx.save_safetensors(str(tmp / "model.safetensors"), fused_base_weights(model),
                                 metadata={"format": "mlx"})
         save_streams(model, tmp)
+        if "medusa_training" in model:
+            save_heads(model.medusa, tmp)
         state = dict(tree_flatten(model.trainable_parameters()))
         state.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
         mx.save_safetensors(str(tmp / STATE_WEIGHTS), state)
@@ -190,8 +212,9 @@ def _progress(step, total, loss, metrics, tps, lr, extra=""):
     width = 24
     done = int(width * step / max(total, 1))
     streams = " ".join(
-        f"s{k.split('_')[1]}={float(v):.2f}/{float(metrics[k.replace('loss', 'acc')]):.0%}"
-        for k, v in sorted(metrics.items()) if k.startswith("stream_") and k.endswith("loss")
+        f"{k[0]}{k.split('_')[1]}={float(v):.2f}/{float(metrics[k.replace('loss', 'acc')]):.0%}"
+        for k, v in sorted(metrics.items())
+        if k.startswith(("stream_", "medusa_")) and k.endswith("loss")
     )
     print(
         f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} loss={loss:.3f} "

@@ -9,6 +9,11 @@ parameters and (in shared mode) the LoRA weights of the top layers learn.
 Loss: ``L = a0 * CE(main) + sum_j a_j * CE(stream j -> token t+1+j)``
 ``+ a_exit * CE(early exit -> token t+1)``; the early-exit term reaches only
 the pruning adapter (its input is gradient-free).
+
+Medusa-2 (the paper's peer, trained jointly with LoRA in shared mode): with
+Medusa heads being trained (``loop.make_trainable``), head ``k`` on the final hidden
+state at ``t`` adds ``medusa * 0.8^(k-1) * CE(head k -> token t+1+k)``
+(Medusa-2's weights: lambda_0 times a decay per head).
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ class LossWeights:
     main: float = 0.0
     stream: float = 0.1
     early_exit: float = 0.1
+    medusa: float = 0.2  # Medusa-2's lambda_0; head k gets medusa * MEDUSA_DECAY ** (k - 1)
+
+
+#: Medusa-2's per-head decay of the heads' loss weight.
+MEDUSA_DECAY = 0.8
 
 
 class _TrainView:
@@ -185,6 +195,15 @@ def loss_fn(model: SpecStreamModel, tokens: mx.array, loss_mask: mx.array, weigh
         metrics[f"stream_{j}_loss"] = s / mx.maximum(n, 1)
         metrics[f"stream_{j}_acc"] = hits / mx.maximum(n, 1)
         total = total + weights.stream * metrics[f"stream_{j}_loss"]
+    # Medusa-2: head k on main row t predicts token t + 1 + k (heads being trained only).
+    heads = model.medusa if weights.medusa > 0 and "medusa_training" in model else None
+    for k, block in enumerate(heads.blocks if heads is not None else [], start=1):
+        if length <= k + 1:
+            break
+        s, n, hits = _ce(model, block(main[:, : length - 1 - k]), tokens[:, 1 + k :], mask[:, 1 + k :])
+        metrics[f"medusa_{k}_loss"] = s / mx.maximum(n, 1)
+        metrics[f"medusa_{k}_acc"] = hits / mx.maximum(n, 1)
+        total = total + weights.medusa * MEDUSA_DECAY ** (k - 1) * metrics[f"medusa_{k}_loss"]
     return total, metrics
 
 
