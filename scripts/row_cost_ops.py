@@ -42,7 +42,7 @@ def main() -> None:
     up = mx.random.normal((1536, 576), key=key) * 0.02
     head = mx.random.normal((49152, 576), key=key) * 0.02
     mx.eval(up, head)
-    print(f"| rows | MLP matmul (us) | attention (us) | SiLU x gate (us) | LM head (us) |")
+    print("| rows | MLP matmul (us) | attention (us) | SiLU x gate (us) | LM head (us) |")
     print("|---|---|---|---|---|")
     for rows in (1, 4, 16, 64):
         x = mx.random.normal((1, rows, 576), key=key)

@@ -160,3 +160,19 @@ def write_own_continuations(base, path: Path, count: int = 48, prompt_len: int =
                                 "loss_start": len(prompt)}) + "\n")
     return Path(path)
 
+
+
+def checkpoint_with_own_data(tmp_path: Path) -> tuple:
+    """A fresh tiny llama checkpoint (``init``, 2 stream layers) and a file of its base's
+    own greedy continuations: ``(checkpoint dir, data file)``, for draft-head training tests."""
+    from typer.testing import CliRunner
+
+    from specstream_mlx.cli import app
+    from specstream_mlx.loading import load
+
+    base = write_base(Path(tmp_path) / "base", "llama")
+    ckpt = Path(tmp_path) / "ckpt"
+    result = CliRunner().invoke(app, ["init", "--model", str(base), "--out", str(ckpt), "--stream-layers", "2"])
+    assert result.exit_code == 0, result.output
+    plain, _ = load(str(ckpt))
+    return ckpt, write_own_continuations(plain.base, Path(tmp_path) / "data.jsonl")

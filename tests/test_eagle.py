@@ -6,7 +6,8 @@ import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
-from .helpers import decode_tokens, random_prompt, reference_tokens, ss_model, write_base, write_own_continuations
+from .helpers import checkpoint_with_own_data, decode_tokens, random_prompt, reference_tokens, ss_model
+from specstream_mlx.loading import load
 from specstream_mlx.cli import app
 from specstream_mlx.config import CheckpointError, TreeSettings
 from specstream_mlx.drafters import EagleDrafter, make_drafter
@@ -75,15 +76,8 @@ def test_eagle_files_must_match_the_base(tmp_path):
 
 
 def test_train_eagle_learns_the_base_and_drafts_through_the_cli(tmp_path):
-    base = write_base(tmp_path / "base", "llama")
-    ckpt = tmp_path / "ckpt"
+    ckpt, data = checkpoint_with_own_data(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(app, ["init", "--model", str(base), "--out", str(ckpt), "--stream-layers", "2"])
-    assert result.exit_code == 0, result.output
-    from specstream_mlx.loading import load
-
-    plain, _ = load(str(ckpt))
-    data = write_own_continuations(plain.base, tmp_path / "data.jsonl")
     out = tmp_path / "eagle"
     args = ["train-heads", "--kind", "eagle", "--model", str(ckpt), "--data", str(data), "--out", str(out),
             "--batch-size", "8", "--max-seq-len", "64", "--learning-rate", "3e-3", "--warmup", "5",

@@ -6,7 +6,8 @@ import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
-from .helpers import decode_tokens, random_prompt, reference_tokens, ss_model, write_base, write_own_continuations
+from .helpers import checkpoint_with_own_data, decode_tokens, random_prompt, reference_tokens, ss_model
+from specstream_mlx.loading import load
 from specstream_mlx.cli import app
 from specstream_mlx.config import CheckpointError, TreeSettings
 from specstream_mlx.drafters import MedusaDrafter, make_drafter
@@ -70,15 +71,8 @@ def test_head_files_must_match_the_base(tmp_path):
 def test_train_heads_learns_the_base_and_drafts_through_the_cli(tmp_path):
     """Heads trained on the base model's own greedy continuations (Medusa-1's
     self-distillation) draft them: drafts are accepted, and the output stays exact."""
-    base = write_base(tmp_path / "base", "llama")
-    ckpt = tmp_path / "ckpt"
+    ckpt, data = checkpoint_with_own_data(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(app, ["init", "--model", str(base), "--out", str(ckpt), "--stream-layers", "2"])
-    assert result.exit_code == 0, result.output
-    from specstream_mlx.loading import load
-
-    plain, _ = load(str(ckpt))
-    data = write_own_continuations(plain.base, tmp_path / "data.jsonl")
     out = tmp_path / "medusa"
     args = ["train-heads", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--num-heads", "2",
             "--batch-size", "8", "--max-seq-len", "64", "--learning-rate", "2e-2", "--warmup", "5",
@@ -118,15 +112,8 @@ def test_heads_config_refuses_zero_heads():
 def test_medusa2_trains_heads_with_lora_in_shared_mode_and_decodes_its_own_text(tmp_path):
     """Medusa-2 (`train --medusa-heads`): heads and LoRA trained together with the main
     loss. The output model drafts with its heads, and its text is its own greedy text."""
-    base = write_base(tmp_path / "base", "llama")
-    ckpt = tmp_path / "ckpt"
+    ckpt, data = checkpoint_with_own_data(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(app, ["init", "--model", str(base), "--out", str(ckpt), "--stream-layers", "2"])
-    assert result.exit_code == 0, result.output
-    from specstream_mlx.loading import load
-
-    plain, _ = load(str(ckpt))
-    data = write_own_continuations(plain.base, tmp_path / "data.jsonl")
     out = tmp_path / "medusa2"
     args = ["train", "--model", str(ckpt), "--fresh-streams", "--mode", "shared", "--data", str(data),
             "--out", str(out), "--medusa-heads", "2", "--stream-weight", "0", "--exit-weight", "0",
