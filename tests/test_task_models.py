@@ -133,6 +133,20 @@ SHIPPED = [
      "(pID INTEGER, cName VARCHAR, pPos VARCHAR, decision VARCHAR)\n\nQuestion: What are the "
      "different names of the colleges involved in the tryout in alphabetical order?",
      ((1, 1), (3, 2, 1)), 1.6),  # 40 tokens in 20 forwards (2.0), 2026-12-07
+    ("smollm2-135m-dialogsum",  # the first dev dialogue
+     "Summarize the following dialogue.\n"
+     "\n"
+     "#Person1#: Hello, how are you doing today?\n"
+     "#Person2#: I ' Ve been having trouble breathing lately.\n"
+     "#Person1#: Have you had any type of cold lately?\n"
+     "#Person2#: No, I haven ' t had a cold. I just have a heavy feeling in my chest when I try to breathe.\n"
+     "#Person1#: Do you have any allergies that you know of?\n"
+     "#Person2#: No, I don ' t have any allergies that I know of.\n"
+     "#Person1#: Does this happen all the time or mostly when you are active?\n"
+     "#Person2#: It happens a lot when I work out.\n"
+     "#Person1#: I am going to send you to a pulmonary specialist who can run tests on you for asthma.\n"
+     "#Person2#: Thank you for your help, doctor.",
+     ((1, 1), (3, 2, 1)), 1.5),  # 39 tokens in 23 forwards (1.70), 2026-12-07
 ]
 
 
