@@ -228,18 +228,19 @@ def load(
 
 
 def load_mlx_lm(path_or_repo: str, dtype: Optional[mx.Dtype] = None,
-                revision: Optional[str] = None) -> Tuple[object, object]:
+                revision: Optional[str] = None, shard: Optional[str] = None) -> Tuple[object, object]:
     """The checkpoint's base model as mlx-lm loads it (no streams), for plain decoding.
 
     The same cast as ``load`` (float32 on the CPU by default), so its text is the
-    main stream's; ``bench``'s ``ar`` method decodes this model.
+    main stream's; ``bench``'s ``ar`` method and ``eval --batch-size`` decode this
+    model. ``shard``: as for ``load``.
 
     Raises:
         CheckpointError: a missing or unreadable checkpoint.
     """
     path = resolve_path(path_or_repo, revision)
     _read_base_config(path)
-    base, tokenizer, _, _ = _load_base(path, dtype)
+    base, tokenizer, _, _ = _load_base(path, dtype, shard)
     mx.eval(base.parameters())
     return base, tokenizer
 

@@ -161,7 +161,6 @@ def write_own_continuations(base, path: Path, count: int = 48, prompt_len: int =
     return Path(path)
 
 
-
 def checkpoint_with_own_data(tmp_path: Path) -> tuple:
     """A fresh tiny llama checkpoint (``init``, 2 stream layers) and a file of its base's
     own greedy continuations: ``(checkpoint dir, data file)``, for draft-head training tests."""

@@ -221,14 +221,13 @@ def _load_baselines(settings: BenchSettings, methods: Sequence[str], model, toke
     Both are loaded by mlx-lm from the checkpoint (a plain mlx-lm directory
     too) and cast to the SS model's dtype, so every method computes alike.
     """
-    from ..loading import _load_base, resolve_path
+    from ..loading import _load_base, load_mlx_lm, resolve_path
 
     dtype = model.base.model.norm.weight.dtype
     path = resolve_path(settings.model)
     base = draft = None
     if "ar" in methods or "draft" in methods:
-        base = _load_base(path, dtype, settings.shard)[0]
-        mx.eval(base.parameters())
+        base = load_mlx_lm(str(path), dtype, shard=settings.shard)[0]
     if "draft" in methods:
         if settings.draft_model:
             draft, draft_tokenizer, _, _ = _load_base(resolve_path(settings.draft_model), None)

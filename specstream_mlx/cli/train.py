@@ -75,7 +75,7 @@ def train(
     from ..config import read_config
     from ..loading import load_for_training
     from ..train.losses import LossWeights
-    from ..train.loop import STATE_JSON, TrainConfig, train as run_train
+    from ..train.loop import STATE_JSON, TrainConfig, check_medusa_mode, train as run_train
 
     def run():
         # Checked before any loading; the loss weights follow the model's mode, below.
@@ -101,10 +101,7 @@ def train(
         ss_model, tokenizer, base_dir = load_for_training(
             source, mode=mode, seed=seed, fresh_streams=fresh, **settings)
         shared = ss_model.config.shared
-        if medusa_heads and not shared:
-            raise UsageError("--medusa-heads trains heads with LoRA in shared mode (Medusa-2): add "
-                             "--mode shared, or train heads on the frozen base with "
-                             "`specstream-mlx train-heads --kind medusa` (Medusa-1)")
+        check_medusa_mode(ss_model, config)  # before any data loading or distillation
         use_cache = True if cached is None else cached
         if positions is not None and (shared or not use_cache):
             raise UsageError("--positions works with cached training in lossless mode only")

@@ -77,6 +77,14 @@ class TrainConfig:
             raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
 
 
+def check_medusa_mode(model: SpecStreamModel, config: TrainConfig) -> None:
+    """Medusa heads train with the LoRA in shared mode (Medusa-2) only (``ValueError`` otherwise)."""
+    if config.medusa_heads and not model.config.shared:
+        raise ValueError("--medusa-heads trains Medusa heads with the LoRA in shared mode (Medusa-2): "
+                         "add --mode shared, or train heads on the frozen base (Medusa-1, lossless) "
+                         "with `specstream-mlx train-heads --kind medusa`")
+
+
 def make_trainable(model: SpecStreamModel, config: TrainConfig) -> None:
     """Freeze the base; unfreeze what the mode trains.
 
@@ -86,9 +94,7 @@ def make_trainable(model: SpecStreamModel, config: TrainConfig) -> None:
     ``config.medusa_heads``, Medusa heads too (Medusa-2: heads and LoRA trained
     together, the main loss keeping the model's quality).
     """
-    if config.medusa_heads and not model.config.shared:
-        raise ValueError("Medusa heads train with the LoRA in shared mode (Medusa-2); for heads on "
-                         "a frozen base (Medusa-1, lossless) use `specstream-mlx train-heads --kind medusa`")
+    check_medusa_mode(model, config)
     model.freeze()
     if model.config.shared:
         from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -109,7 +115,7 @@ def make_trainable(model: SpecStreamModel, config: TrainConfig) -> None:
             raise ValueError(f"the checkpoint has {heads.config.num_heads} Medusa heads, not "
                              f"{config.medusa_heads}: train as many, or start from its base model")
         model.set_medusa(heads)
-        model.medusa_training = heads  # a child module while training, so its weights learn
+        model.medusa_training = heads  # also a child module while training, so its weights learn
         heads.unfreeze()
 
 
@@ -183,7 +189,7 @@ def save_checkpoint(model, optimizer, step: int, config: TrainConfig, base_dir: 
                                 metadata={"format": "mlx"})
         save_streams(model, tmp)
         if "medusa_training" in model:
-            save_heads(model.medusa, tmp)
+            save_heads(model["medusa_training"], tmp)
         state = dict(tree_flatten(model.trainable_parameters()))
         state.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
         mx.save_safetensors(str(tmp / STATE_WEIGHTS), state)

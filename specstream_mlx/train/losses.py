@@ -196,7 +196,7 @@ def loss_fn(model: SpecStreamModel, tokens: mx.array, loss_mask: mx.array, weigh
         metrics[f"stream_{j}_acc"] = hits / mx.maximum(n, 1)
         total = total + weights.stream * metrics[f"stream_{j}_loss"]
     # Medusa-2: head k on main row t predicts token t + 1 + k (heads being trained only).
-    heads = model.medusa if weights.medusa > 0 and "medusa_training" in model else None
+    heads = model.get("medusa_training") if weights.medusa > 0 else None
     for k, block in enumerate(heads.blocks if heads is not None else [], start=1):
         if length <= k + 1:
             break
