@@ -85,7 +85,7 @@ def final_hidden(model: SpecStreamModel, examples: List[Example], max_seq_len: i
         mx.eval(h)
         states.append(h)
         if i % 50 == 0 or i == len(examples):
-            print(f"\r[medusa] hidden states {i}/{len(examples)} "
+            print(f"\r[train-heads] hidden states {i}/{len(examples)} "
                   f"({i / (time.perf_counter() - tic):.1f}/s)", file=sys.stderr, end="", flush=True)
     print(file=sys.stderr)
     return states
