@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from . import overlap
 from .cache import cache_state, commit, make_cache
 from .config import ContextOverflowError  # noqa: F401 (raised here; importable from here too)
 from .drafters import Drafter, make_drafter
@@ -129,6 +130,10 @@ def decode(
         )
     if drafter is None:
         drafter = make_drafter(model)
+    if overlap.eligible(model, drafter, sampling.greedy):  # the same steps, host work hidden
+        yield from _decode_overlapped(model, prompt, max_tokens, drafter.shape.size - 1,
+                                      prefill_step_size)
+        return
 
     cache = make_cache(model.num_layers)
     history = list(prompt)
@@ -180,3 +185,30 @@ def decode(
         history.extend(step_tokens)
         emitted += len(step_tokens)
         yield Step(tokens=step_tokens, accepted=len(path) - 1, tree_size=topo.size)
+
+
+def _decode_overlapped(model: SpecStreamModel, prompt: Sequence[int], max_tokens: int,
+                       depth: int, prefill_step_size: int) -> Iterator[Step]:
+    """``decode``'s steps for greedy chain drafting, each queued before the last is
+    read (``overlap``): the same tokens and steps. One step beyond the last is
+    computed and dropped, as in mlx-lm."""
+    cache = make_cache(model.num_layers)
+    out = _prefill(model, list(prompt), cache, prefill_step_size, True, depth)
+    both = logits(model, mx.concatenate([out.main_hidden[-1:], out.stream_hidden[0]]))  # (1 + d, V)
+    best = mx.argmax(both, axis=-1).astype(mx.int32)  # root, then the first drafts
+    yield Step(tokens=[best[0].item()], accepted=0, tree_size=0, prefill=True)
+    emitted = 1
+    chain = overlap.ChainDecoder(model, depth, cache)
+    pending = chain.queue(best) if emitted < max_tokens else None
+    while pending is not None:
+        ahead = None if chain.crowded() else chain.queue(pending.tokens)
+        tokens = pending.read()
+        chain.committed += len(tokens)
+        emitted += len(tokens)
+        yield Step(tokens=tokens, accepted=len(tokens) - 1, tree_size=chain.m)
+        if emitted >= max_tokens:
+            return
+        if ahead is None:  # drained: nothing is queued, so the slots can move
+            chain.compact()
+            ahead = chain.queue(pending.tokens)
+        pending = ahead

@@ -27,7 +27,7 @@ RANKS = {
     "tree": 1, "treedesc": 1, "prompts": 1, "records": 1,
     "attention": 2, "cache": 2, "model": 2, "shard": 2, "heads": 2, "eagle": 2,
     "forward": 3, "loading": 3,
-    "verify": 4, "drafters": 4,
+    "verify": 4, "drafters": 4, "overlap": 4,
     "decode": 5,
     "generate": 6,
     "__init__": 6,  # specstream_mlx/__init__.py: the public API over generate and loading
