@@ -202,8 +202,7 @@ def _decode_overlapped(model: SpecStreamModel, prompt: Sequence[int], max_tokens
     pending = chain.queue(best) if emitted < max_tokens else None
     while pending is not None:
         ahead = None if chain.crowded() else chain.queue(pending.tokens)
-        tokens = pending.read()
-        chain.committed += len(tokens)
+        tokens = chain.read(pending)
         emitted += len(tokens)
         yield Step(tokens=tokens, accepted=len(tokens) - 1, tree_size=chain.m)
         if emitted >= max_tokens:

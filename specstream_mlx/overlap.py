@@ -42,9 +42,10 @@ step) and compacts the buffers to the valid slots, so attention never spans
 more than ``max_holes`` dead keys.
 
 **Off by default; ``SPECSTREAM_OVERLAP=1`` turns it on.** Measured on the
-2-core AMD EPYC (E2E-NLG model, chain 1,1,1, 3 dev prompts, 3 alternated
-rounds, same tokens): 104-111 ms per step with the overlap against 96-105
-without. The host thread that builds the next graph competes with OpenBLAS's
+2-core AMD EPYC with ``scripts/overlap_timing.py smollm2-135m-e2e-nlg
+DEV.jsonl`` (chain 1,1,1, 3 dev prompts, 3 alternated rounds, same tokens):
+85.5-92.0 ms per step with the overlap against 81.0-86.3 without (an earlier
+run of the first version: 104-111 against 96-105). The host thread that builds the next graph competes with OpenBLAS's
 two threads for the two cores, so the hidden host time costs more compute
 time than it saves. The overlap pays where the device is not the CPU the
 host runs on (an Apple GPU, as mlx-lm's ``async_eval`` assumes); no such
@@ -59,6 +60,7 @@ from typing import List, Optional
 import mlx.core as mx
 import numpy as np
 
+from .cache import cache_state
 from .families import embed
 from .forward import adapt_streams, logits
 from .masks import chain_rows, msa_block, row_positions
@@ -67,7 +69,6 @@ from .rope import RowPositions
 
 ENV = "SPECSTREAM_OVERLAP"
 MAX_HOLES = 256  # dead slots tolerated before compacting
-_GROW = 256  # slots added to a buffer at a time
 
 
 def wanted() -> bool:
@@ -88,32 +89,22 @@ def eligible(model: SpecStreamModel, drafter, greedy: bool) -> bool:
     shape = drafter.shape
     chain = shape.size > 1 and np.array_equal(shape.parents[1:], np.arange(shape.size - 1))
     return (chain and drafter.prune is None and model.sharding is None
-            and model.layer_owners is None and all(w is None for w in model.windows))
-
-
-class _Slots:
-    """One layer's stored keys/values: ``(1, H_kv, capacity, D)`` buffers."""
-
-    def __init__(self, keys: mx.array, values: mx.array) -> None:
-        self.keys, self.values = keys, values
+            and all(w is None for w in model.windows))
 
 
 class _View:
     """What a layer sees as ``cache`` during one forward.
 
-    ``update_and_fetch`` stores the first ``m`` rows (the main rows) at slots
-    ``used .. used + m`` and returns every stored slot up to there, followed by
-    this forward's stream rows (never stored).
+    ``update_and_fetch`` writes the first ``m`` rows (the main rows) as pending
+    rows of the layer's ``cache.LayerCache`` (the next ``m`` slots) and returns
+    every slot up to them, followed by this forward's stream rows (never stored).
     """
 
-    def __init__(self, slots: _Slots, offset, used: int, m: int) -> None:
-        self.slots, self.offset, self.used, self.m = slots, offset, used, m
+    def __init__(self, layer, offset, m: int) -> None:
+        self.layer, self.offset, self.m = layer, offset, m
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        s, lo, hi = self.slots, self.used, self.used + self.m
-        s.keys[..., lo:hi, :] = keys[..., : self.m, :]
-        s.values[..., lo:hi, :] = values[..., : self.m, :]
-        k, v = s.keys[..., :hi, :], s.values[..., :hi, :]
+        k, v = self.layer.write_pending(keys[..., : self.m, :], values[..., : self.m, :])
         if keys.shape[2] > self.m:
             k = mx.concatenate([k, keys[..., self.m :, :]], axis=2)
             v = mx.concatenate([v, values[..., self.m :, :]], axis=2)
@@ -136,6 +127,10 @@ class _Queued:
 class ChainDecoder:
     """The state of one overlapped greedy chain generation (see the module doc).
 
+    The slots are ``decode``'s own tree cache: each forward's main rows are
+    written as its pending rows and all ``m`` of them are kept (``length`` counts
+    slots, holes included), so ``cache.LayerCache`` grows and stores them.
+
     Args:
         model: the model.
         depth: drafts per step (the chain's length, ``<= gamma``).
@@ -145,31 +140,22 @@ class ChainDecoder:
 
     def __init__(self, model: SpecStreamModel, depth: int, cache,
                  max_holes: Optional[int] = None) -> None:
-        self.model, self.depth = model, depth
+        self.model, self.depth, self.cache = model, depth, cache
         self.max_holes = MAX_HOLES if max_holes is None else max_holes
         self.m = depth + 1
-        length = cache[0].length
-        self.slots = [_Slots(c.keys[..., :length, :], c.values[..., :length, :]) for c in cache]
-        self.used = length  # slots written (host-known)
-        self.committed = length  # tokens committed, as far as the host has read
-        self.position = mx.array(length, mx.int32)  # P on the device
-        self.valid = mx.ones((length,), mx.bool_)
+        self.committed = self.used  # tokens committed, as far as the host has read
+        self.position = mx.array(self.used, mx.int32)  # P on the device
+        self.valid = mx.ones((self.used,), mx.bool_)
         rows = chain_rows(self.m, np.arange(self.m))
-        self.lower_block = mx.array(np.tril(np.ones((self.m, self.m), dtype=bool)))
+        self.lower_block = mx.array(rows.ancestors)  # (m, m)
         self.upper_block = mx.array(msa_block(rows, depth))  # (m + m*d, m + m*d)
-        self.main_depth = mx.arange(self.m, dtype=mx.int32)
         self.upper_depth = mx.array(row_positions(rows, depth, with_streams=True).astype(np.int32))
         self.streams = model.stream_embeddings[:depth]  # (d, H)
 
-    def _reserve(self) -> None:
-        need = self.used + self.m
-        for s in self.slots:
-            have = s.keys.shape[2]
-            if need > have:
-                extra = ((need - have + _GROW - 1) // _GROW) * _GROW
-                pad = lambda a: mx.zeros((1, a.shape[1], extra, a.shape[3]), a.dtype)  # noqa: E731
-                s.keys = mx.concatenate([s.keys, pad(s.keys)], axis=2)
-                s.values = mx.concatenate([s.values, pad(s.values)], axis=2)
+    @property
+    def used(self) -> int:
+        """Slots written (host-known): every layer's cache length."""
+        return self.cache[0].length
 
     def _mask(self, block: mx.array) -> mx.array:
         rows = block.shape[0]
@@ -180,18 +166,17 @@ class ChainDecoder:
         """Build one step's graph on ``tokens`` ``(m,)`` (root, drafts) and queue it."""
         model, m, d = self.model, self.m, self.depth
         split = model.first_stream_layer
-        self._reserve()
         h = embed(model.family, model.base, tokens[None])  # (1, m, H)
         mask = self._mask(self.lower_block)
         for i in range(split):  # consecutive rows: RoPE's own offset, on the device
-            h = model.layers[i](h, mask, cache=_View(self.slots[i], self.position, self.used, m))
+            h = model.layers[i](h, mask, cache=_View(self.cache[i], self.position, m))
         stream_rows = h[:, :, None, :] + self.streams.astype(h.dtype)  # (1, m, d, H)
         h = mx.concatenate([h, stream_rows.reshape(1, m * d, -1)], axis=1)
         mask = self._mask(self.upper_block)
         offset = RowPositions(self.position + self.upper_depth)
         for i in range(split, model.num_layers):
             h = adapt_streams(model, h, i, m)
-            h = model.layers[i](h, mask, cache=_View(self.slots[i], offset, self.used, m))
+            h = model.layers[i](h, mask, cache=_View(self.cache[i], offset, m))
         h = model.base.model.norm(h[0])  # (m + m*d, H)
         best = mx.argmax(logits(model, h), axis=-1).astype(mx.int32)  # (m + m*d,)
         argmax, guesses = best[:m], best[m:].reshape(m, d)
@@ -201,11 +186,18 @@ class ChainDecoder:
         self.valid = mx.concatenate([self.valid, mx.arange(m) <= accepted])
         self.position = self.position + accepted + 1  # the new root's position
         drafts = self.next_drafts(guesses, accepted)
-        self.used += m
+        for layer in self.cache:  # every slot stays; the rejected ones are holes
+            layer.commit(np.arange(m))
         step = _Queued(accepted, argmax, mx.concatenate([root[None], drafts]))
         mx.async_eval(step.accepted, step.argmax, step.tokens, self.valid, self.position,
-                      [a for s in self.slots for a in (s.keys, s.values)])
+                      cache_state(self.cache))
         return step
+
+    def read(self, step: _Queued) -> List[int]:
+        """The tokens ``step`` emitted (waits for it)."""
+        tokens = step.read()
+        self.committed += len(tokens)
+        return tokens
 
     def next_drafts(self, guesses: mx.array, accepted: mx.array) -> mx.array:
         """The next step's drafts: the top-1 token of each stream of the last accepted
@@ -219,7 +211,7 @@ class ChainDecoder:
     def compact(self) -> None:
         """Keep only the valid slots (nothing may be queued)."""
         keep = mx.array(np.flatnonzero(np.array(self.valid)).astype(np.int32))
-        for s in self.slots:
-            s.keys, s.values = s.keys[..., keep, :], s.values[..., keep, :]
-        self.used = int(keep.shape[0])
+        for layer in self.cache:
+            layer.keys, layer.values = layer.keys[..., keep, :], layer.values[..., keep, :]
+            layer.length = int(keep.shape[0])
         self.valid = mx.ones((self.used,), mx.bool_)
