@@ -72,8 +72,15 @@ MAX_HOLES = 256  # dead slots tolerated before compacting
 
 
 def wanted() -> bool:
-    """``SPECSTREAM_OVERLAP=1`` is set (off by default: see the module doc)."""
-    return os.environ.get(ENV, "0").strip() == "1"
+    """``SPECSTREAM_OVERLAP=1`` is set (off by default: see the module doc).
+
+    Raises:
+        ValueError: a value other than ``0``, ``1`` or empty.
+    """
+    value = os.environ.get(ENV, "0").strip() or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV}={value!r}: set it to 1 (overlapped greedy chains) or 0 (off)")
+    return value == "1"
 
 
 def eligible(model: SpecStreamModel, drafter, greedy: bool) -> bool:
@@ -84,7 +91,7 @@ def eligible(model: SpecStreamModel, drafter, greedy: bool) -> bool:
     """
     from .drafters import StreamDrafter
 
-    if not (greedy and wanted() and type(drafter) is StreamDrafter):
+    if not (wanted() and greedy and type(drafter) is StreamDrafter):
         return False
     shape = drafter.shape
     chain = shape.size > 1 and np.array_equal(shape.parents[1:], np.arange(shape.size - 1))

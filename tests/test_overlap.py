@@ -124,6 +124,13 @@ def test_eligible_only_for_greedy_stream_chains(monkeypatch):
     assert not overlap.eligible(windowed, make_drafter(windowed, CHAIN), True)
 
 
+def test_bad_setting_is_one_clear_error(monkeypatch):
+    model = _model("llama")
+    monkeypatch.setenv(overlap.ENV, "yes")
+    with pytest.raises(ValueError, match="SPECSTREAM_OVERLAP='yes'.*set it to 1"):
+        decode_tokens(model, random_prompt(8), 4, tree=CHAIN)
+
+
 def test_sampling_is_left_to_decode(overlap_on, monkeypatch):
     model = _model("llama")
     from specstream_mlx.decode import decode
