@@ -41,6 +41,11 @@ def reference_config(model) -> dict:
         )
     if args.get("rope_traditional"):
         raise ConversionError("traditional (interleaved) RoPE is not reproduced by the PyTorch reference")
+    if model.config.stream_lora_rank:
+        raise ConversionError(
+            "stream LoRA (stream_lora_rank > 0) is not in the PyTorch reference yet; "
+            "export streams trained without --stream-lora-rank"
+        )
     args["tie_word_embeddings"] = "lm_head" not in base
     if kind == "gemma":  # mlx-lm's gemma computes the exact GELU whatever the config says
         args["hidden_act"] = "gelu"

@@ -8,7 +8,7 @@
   keeps for that backend, overridden by explicit options.
 
 Defaults live here and nowhere else (``DEFAULT_GAMMA``, ``DEFAULT_STREAM_LAYERS``,
-``DEFAULT_MODE``, ``DEFAULT_ADAPTER_RANK``, ``TreeSettings()``): the command line,
+``DEFAULT_MODE``, ``DEFAULT_ADAPTER_RANK``, ``DEFAULT_STREAM_LORA_RANK``, ``TreeSettings()``): the command line,
 ``loading`` and ``convert`` take theirs from these names.
 """
 
@@ -31,6 +31,10 @@ DEFAULT_GAMMA = 3  # speculative streams of a new checkpoint
 DEFAULT_STREAM_LAYERS = 4  # top layers with multi-stream attention
 DEFAULT_MODE = "lossless"
 DEFAULT_ADAPTER_RANK = 64  # stream adapters of fresh streams made for training (init/convert: none)
+DEFAULT_STREAM_LORA_RANK = 0  # stream-row LoRA of fresh streams made for training (0: none)
+#: The stream-row LoRA update of a projection is ``STREAM_LORA_SCALE * x A B`` (part of the format,
+#: as mlx-lm's LoRA scale is of its adapters; the same 2.0 as shared mode's ``--lora-scale``).
+STREAM_LORA_SCALE = 2.0
 
 
 class CheckpointError(ValueError):
@@ -111,6 +115,9 @@ class SpecStreamConfig:
         prune_rank: rank of the early-exit pruning adapter.
         stream_adapter_rank: rank of the residual adapters that act on stream
             rows only, one before each multi-stream layer (0: none).
+        stream_lora_rank: rank of the LoRA updates of the multi-stream layers'
+            projections (attention and MLP) that act on stream rows only
+            (0: none). Lossless mode only: in shared mode LoRA trains every row.
         hidden_size, vocab_size, num_layers: of the base model, checked at load.
         tree: default tree settings, used on a backend without its own entry.
         tree_by_backend: tree settings measured best on one backend (a key of
@@ -125,6 +132,7 @@ class SpecStreamConfig:
     mode: str = DEFAULT_MODE
     prune_rank: int = 8
     stream_adapter_rank: int = 0
+    stream_lora_rank: int = 0
     hidden_size: int = 0
     vocab_size: int = 0
     num_layers: int = 0
@@ -154,6 +162,14 @@ class SpecStreamConfig:
             )
         if self.stream_adapter_rank < 0 or self.prune_rank < 1:
             raise CheckpointError("adapter ranks must be positive (stream adapters: >= 0)")
+        if self.stream_lora_rank < 0:
+            raise CheckpointError(f"stream_lora_rank must be >= 0, got {self.stream_lora_rank}")
+        if self.stream_lora_rank and self.shared:
+            raise CheckpointError(
+                "stream LoRA (stream_lora_rank > 0) is for lossless streams: in shared mode the "
+                "LoRA of `train --lora-rank` already trains the stream layers for every row. "
+                "Drop --stream-lora-rank, or train with --mode lossless."
+            )
         unknown = set(self.tree_by_backend) - set(BACKENDS)
         if unknown:
             raise CheckpointError(
@@ -169,6 +185,8 @@ class SpecStreamConfig:
             tree["widths"] = list(tree["widths"])
             if tree["prune_max_keep"] is None:  # written only when set: files stay as before
                 del tree["prune_max_keep"]
+        if not data["stream_lora_rank"]:  # likewise: older readers still read files without it
+            del data["stream_lora_rank"]
         return data
 
     @classmethod

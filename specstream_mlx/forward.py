@@ -52,8 +52,9 @@ def run_layers(model, h, layer_ids, block, positions, is_chain, cache, n_main=No
                 tree_desc=None):
     """Run ``layer_ids`` on ``h`` ``(1, L, H)`` with one mask per window size.
 
-    With ``n_main`` set, rows from ``n_main`` on are stream rows and pass
-    through the model's stream adapters before each layer. ``tree_desc`` (a
+    With ``n_main`` set, rows from ``n_main`` on are stream rows: they pass
+    through the model's stream adapters before each layer and get its
+    stream-row LoRA in the projections. ``tree_desc`` (a
     zero-argument callable returning the ``treedesc.TreeDesc`` of ``block``)
     lets tree / multi-stream groups take the fused attention kernel
     (``attention.layer_mask``); without it the dense mask is always used.
@@ -92,15 +93,16 @@ def _run_local(model, h, layer_ids, block, positions, is_chain, cache, n_main, t
     length = cache[0].length
     offset = rope_offset(length, positions)
     masks = {}
-    for i in layer_ids:
-        window = model.windows[i]
-        if window not in masks:
-            masks[window] = layer_mask(
-                model.base, block, length, positions, window, is_chain, tree_desc
-            )
-        if n_main is not None:
-            h = adapt_streams(model, h, i, n_main)
-        h = model.layers[i](h, masks[window], cache=StepView(cache[i], offset))
+    with model.stream_rows(n_main):
+        for i in layer_ids:
+            window = model.windows[i]
+            if window not in masks:
+                masks[window] = layer_mask(
+                    model.base, block, length, positions, window, is_chain, tree_desc
+                )
+            if n_main is not None:
+                h = adapt_streams(model, h, i, n_main)
+            h = model.layers[i](h, masks[window], cache=StepView(cache[i], offset))
     return h
 
 

@@ -17,7 +17,8 @@ import mlx.core as mx
 from mlx.utils import tree_map, tree_unflatten
 
 from .config import (
-    CONFIG_FILE, DEFAULT_ADAPTER_RANK, DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_STREAM_LAYERS, WEIGHTS_FILE,
+    CONFIG_FILE, DEFAULT_ADAPTER_RANK, DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_STREAM_LAYERS,
+    DEFAULT_STREAM_LORA_RANK, WEIGHTS_FILE,
     CheckpointError, SpecStreamConfig, TreeSettings, read_config, write_config,
 )
 from .families import family_for
@@ -207,6 +208,11 @@ def load(
             check_same_checkpoint(None, world, exc)
             raise
         check_same_checkpoint(path, world)
+    if shard is not None and config.stream_lora_rank:
+        raise CheckpointError(
+            f"{path} has stream LoRA (stream_lora_rank {config.stream_lora_rank}), which a split "
+            "model cannot run yet: load it without --shard"
+        )
     base, tokenizer, base_config, family = _load_base(path, dtype, shard)
     owners = None
     if shard == "pipeline":  # pad the stage's layer list; which rank holds each layer
@@ -275,6 +281,12 @@ def fresh_model(base, family, config: SpecStreamConfig, seed: int = 0) -> SpecSt
     keys = mx.random.split(k3, max(len(model.stream_adapters), 1))
     for adapter, k in zip(model.stream_adapters, keys):
         adapter.down.weight = mx.random.normal(adapter.down.weight.shape, key=k) * hidden**-0.5
+    if model.stream_lora:  # its own draw, so the draws above stay what they were without it
+        lora_key = mx.random.split(key, 4)[3]
+        pairs = [layer.pair(path) for layer in model.stream_lora for path in layer.paths]
+        for pair, k in zip(pairs, mx.random.split(lora_key, len(pairs))):
+            fan_in = pair["a"].shape[0]
+            pair["a"] = mx.random.normal(pair["a"].shape, key=k) * fan_in**-0.5
     return model
 
 
@@ -302,7 +314,7 @@ def new_config(
 
 #: Stream settings of fresh streams for training when the caller gives none.
 FRESH_DEFAULTS = {"gamma": DEFAULT_GAMMA, "stream_layers": DEFAULT_STREAM_LAYERS,
-                  "stream_adapter_rank": DEFAULT_ADAPTER_RANK}
+                  "stream_adapter_rank": DEFAULT_ADAPTER_RANK, "stream_lora_rank": DEFAULT_STREAM_LORA_RANK}
 
 
 def load_for_training(
@@ -313,13 +325,14 @@ def load_for_training(
     adapter_rank: Optional[int] = None,
     seed: int = 0,
     fresh_streams: bool = False,
+    stream_lora_rank: Optional[int] = None,
 ):
     """A model to train: a checkpoint's, or a plain model with fresh streams.
 
     Args:
         path_or_repo: a checkpoint (it keeps its own streams unless
             ``fresh_streams``) or a plain mlx-lm model.
-        gamma, stream_layers, adapter_rank: settings of fresh streams
+        gamma, stream_layers, adapter_rank, stream_lora_rank: settings of fresh streams
             (``None``: ``FRESH_DEFAULTS``). For a checkpoint's own streams
             they must be ``None`` or agree with it.
         mode: training mode; ``None`` keeps the checkpoint's (or lossless).
@@ -335,11 +348,12 @@ def load_for_training(
     """
     path = resolve_path(path_or_repo)
     _read_base_config(path)
-    asked = {"gamma": gamma, "stream_layers": stream_layers, "stream_adapter_rank": adapter_rank}
+    asked = {"gamma": gamma, "stream_layers": stream_layers, "stream_adapter_rank": adapter_rank,
+             "stream_lora_rank": stream_lora_rank}
     if (path / CONFIG_FILE).is_file() and not fresh_streams:
         own = read_config(path)
         flags = {"gamma": "--gamma", "stream_layers": "--stream-layers",
-                 "stream_adapter_rank": "--adapter-rank"}
+                 "stream_adapter_rank": "--adapter-rank", "stream_lora_rank": "--stream-lora-rank"}
         clash = [f"{flags[k]} {v} (it has {getattr(own, k)})" for k, v in asked.items()
                  if v is not None and v != getattr(own, k)]
         if clash:
@@ -355,7 +369,8 @@ def load_for_training(
     settings = {k: FRESH_DEFAULTS[k] if v is None else v for k, v in asked.items()}
     base, tokenizer, _, family = _load_base(path, None)
     config = new_config(_base_dims(base), settings["gamma"], settings["stream_layers"],
-                        mode or DEFAULT_MODE, None, settings["stream_adapter_rank"])
+                        mode or DEFAULT_MODE, None, settings["stream_adapter_rank"],
+                        stream_lora_rank=settings["stream_lora_rank"])
     return fresh_model(base, family, config, seed), tokenizer, path
 
 

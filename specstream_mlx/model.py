@@ -6,11 +6,15 @@ takes it as arguments.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .attention import install as install_attention
-from .config import SpecStreamConfig
+from .config import STREAM_LORA_SCALE, SpecStreamConfig
 from .families import Family, layer_windows
 from .rope import install_positional_rope
 
@@ -46,6 +50,94 @@ class ResidualAdapter(nn.Module):
         return h + delta.astype(h.dtype)
 
 
+def _projections(layer: nn.Module) -> list:
+    """``(path, module)`` of a decoder layer's dense projections (``nn.Linear`` or quantized).
+
+    A projection already wrapped (``StreamRowsLinear``, from an earlier model over the
+    same base) counts once, as its inner module.
+    """
+    modules = dict(layer.named_modules())
+    wrapped = {path: m.inner for path, m in modules.items() if isinstance(m, StreamRowsLinear)}
+    plain = {path: m for path, m in modules.items()
+             if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and path.rpartition(".")[0] not in wrapped}
+    return sorted({**plain, **wrapped}.items(), key=lambda item: item[0])
+
+
+def _dims(linear: nn.Module) -> tuple:
+    """``(out, in)`` of a linear or quantized linear layer."""
+    out, packed = linear.weight.shape
+    return out, packed * 32 // linear.bits if isinstance(linear, nn.QuantizedLinear) else packed
+
+
+class StreamLoRA(nn.Module):
+    """Low-rank updates of one multi-stream layer's projections, for stream rows only.
+
+    For each projection (path ``p`` in the layer, e.g. ``self_attn.q_proj``) a pair
+    ``a`` ``(in, r)`` and ``b`` ``(r, out)``, nested by path, so the flat names read
+    ``stream_lora.<i>.self_attn.q_proj.a``. ``b`` starts at zero: a fresh update is nothing.
+    """
+
+    def __init__(self, layer: nn.Module, rank: int) -> None:
+        super().__init__()
+        for path, linear in _projections(layer):
+            out, inp = _dims(linear)
+            *parents, name = path.split(".")
+            node = self
+            for part in parents:
+                if part not in node:
+                    node[part] = {}
+                node = node[part]
+            node[name] = {"a": mx.zeros((inp, rank)), "b": mx.zeros((rank, out))}
+
+    @property
+    def paths(self) -> tuple:
+        """The projections' paths in the layer, in parameter order."""
+        return tuple(name[: -len(".a")] for name, _ in tree_flatten(self.parameters())
+                     if name.endswith(".a"))
+
+    def pair(self, path: str) -> dict:
+        node = self
+        for part in path.split("."):
+            node = node[part]
+        return node
+
+
+class _StreamRows:
+    """Shared by a model's ``StreamRowsLinear`` wrappers (a plain object, not a parameter).
+
+    ``start``: the first stream row of the multi-stream layer now running (``None``: the
+    call has no stream rows). mlx-lm's layers call their projections with the rows alone,
+    so the wrappers read the split from here; ``SpecStreamModel.stream_rows`` sets it.
+    """
+
+    def __init__(self, model: "SpecStreamModel") -> None:
+        self.model = model
+        self.start: Optional[int] = None
+
+
+class StreamRowsLinear(nn.Module):
+    """A multi-stream layer's projection plus its stream-row LoRA update.
+
+    ``y = inner(x)`` on every row; rows ``start:`` (the stream rows) also get
+    ``STREAM_LORA_SCALE * x a b``. The main rows' slice of ``y`` is ``inner``'s own
+    output, untouched, so lossless decoding stays the base model's exactly.
+    """
+
+    def __init__(self, inner: nn.Module, rows: _StreamRows, layer: int, path: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self._rows, self._layer, self._path = rows, layer, path  # plain attributes
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.inner(x)  # (..., L, out)
+        start = self._rows.start
+        if start is None or start >= x.shape[-2]:
+            return y
+        pair = self._rows.model.stream_lora[self._layer].pair(self._path)
+        delta = (x[..., start:, :] @ pair["a"]) @ pair["b"] * STREAM_LORA_SCALE  # (..., L - start, out)
+        return mx.concatenate([y[..., :start, :], y[..., start:, :] + delta.astype(y.dtype)], axis=-2)
+
+
 class SpecStreamModel(nn.Module):
     """An mlx-lm model with ``gamma`` speculative streams in its top layers.
 
@@ -57,6 +149,10 @@ class SpecStreamModel(nn.Module):
         stream_adapters: optional adapters applied to the stream rows (never
             the main rows) before each multi-stream layer; they add capacity to
             the drafts while lossless mode stays exact.
+        stream_lora: optional ``StreamLoRA`` per multi-stream layer: low-rank
+            updates of its projections that only stream rows get (the layers'
+            projections are wrapped in ``StreamRowsLinear``), more capacity of
+            the same exact kind.
     """
 
     def __init__(self, base: nn.Module, config: SpecStreamConfig, family: Family) -> None:
@@ -68,6 +164,10 @@ class SpecStreamModel(nn.Module):
         self.stream_adapters = [
             ResidualAdapter(config.hidden_size, rank) for _ in range(config.stream_layers if rank else 0)
         ]
+        self._rows = _StreamRows(self)
+        self.stream_lora = []
+        if config.stream_lora_rank:
+            self._install_stream_lora(base, config)
         # Plain Python attributes: not parameters, not decoding state.
         self._config = config
         self._family = family
@@ -78,6 +178,33 @@ class SpecStreamModel(nn.Module):
         self._eagle = None  # eagle.EagleHead stored beside the checkpoint, if any (not a parameter)
         install_positional_rope(base.model.layers)
         install_attention(base)  # tree calls may take the fused kernel
+
+    def _install_stream_lora(self, base: nn.Module, config: SpecStreamConfig) -> None:
+        layers = base.model.layers
+        first = len(layers) - config.stream_layers
+        for k, layer in enumerate(layers[first:]):
+            if layer is None:
+                raise ValueError("stream LoRA needs every multi-stream layer on this process; "
+                                 "load the model without --shard (pipeline) to use it")
+            self.stream_lora.append(StreamLoRA(layer, config.stream_lora_rank))
+            for path, linear in _projections(layer):
+                *parents, name = path.split(".")
+                parent = layer
+                for part in parents:
+                    parent = parent[part]
+                setattr(parent, name, StreamRowsLinear(linear, self._rows, k, path))
+
+    @contextmanager
+    def stream_rows(self, start: Optional[int]):
+        """Within: the multi-stream layers' rows ``start:`` are stream rows (``None``: none).
+
+        Only the stream-row LoRA reads it; layers without it ignore it.
+        """
+        previous, self._rows.start = self._rows.start, start
+        try:
+            yield
+        finally:
+            self._rows.start = previous
 
     @property
     def config(self) -> SpecStreamConfig:
@@ -137,10 +264,8 @@ class SpecStreamModel(nn.Module):
 
     def stream_parameters(self) -> dict:
         """The parameters stored in ``specstream.safetensors`` (flat names)."""
-        from mlx.utils import tree_flatten
-
         params = self.parameters()
         return dict(tree_flatten({k: params[k] for k in self.STREAM_KEYS if k in params}))
 
     #: Top-level parameter groups that belong to the streams (not the base).
-    STREAM_KEYS = ("stream_embeddings", "prune_adapter", "stream_adapters")
+    STREAM_KEYS = ("stream_embeddings", "prune_adapter", "stream_adapters", "stream_lora")

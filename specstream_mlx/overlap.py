@@ -181,9 +181,10 @@ class ChainDecoder:
         h = mx.concatenate([h, stream_rows.reshape(1, m * d, -1)], axis=1)
         mask = self._mask(self.upper_block)
         offset = RowPositions(self.position + self.upper_depth)
-        for i in range(split, model.num_layers):
-            h = adapt_streams(model, h, i, m)
-            h = model.layers[i](h, mask, cache=_View(self.cache[i], offset, m))
+        with model.stream_rows(m):
+            for i in range(split, model.num_layers):
+                h = adapt_streams(model, h, i, m)
+                h = model.layers[i](h, mask, cache=_View(self.cache[i], offset, m))
         h = model.base.model.norm(h[0])  # (m + m*d, H)
         best = mx.argmax(logits(model, h), axis=-1).astype(mx.int32)  # (m + m*d,)
         argmax, guesses = best[:m], best[m:].reshape(m, d)

@@ -108,7 +108,7 @@ def random_prompt(length: int, seed: int = 0) -> list:
 
 
 def ss_model(family: str, gamma: int = 3, stream_layers: int = 2, mode: str = "lossless",
-             seed: int = 0, adapter_rank: int = 0):
+             seed: int = 0, adapter_rank: int = 0, stream_lora_rank: int = 0):
     """A ``SpecStreamModel`` over a random base with random (untrained) streams."""
     from specstream_mlx.config import SpecStreamConfig
     from specstream_mlx.families import family_for
@@ -119,6 +119,7 @@ def ss_model(family: str, gamma: int = 3, stream_layers: int = 2, mode: str = "l
         gamma=gamma, stream_layers=stream_layers, mode=mode,
         hidden_size=config["hidden_size"], vocab_size=VOCAB,
         num_layers=config["num_hidden_layers"], stream_adapter_rank=adapter_rank,
+        stream_lora_rank=stream_lora_rank,
     )
     model = SpecStreamModel(base, spec, family_for(config["model_type"]))
     mx.random.seed(seed + 1)
@@ -129,6 +130,11 @@ def ss_model(family: str, gamma: int = 3, stream_layers: int = 2, mode: str = "l
     for adapter in model.stream_adapters:
         adapter.down.weight = mx.random.normal(adapter.down.weight.shape) * hidden**-0.5
         adapter.up.weight = mx.random.normal(adapter.up.weight.shape) * 0.2
+    for lora in model.stream_lora:  # non-zero on both sides, so the updates change the streams
+        for path in lora.paths:
+            pair = lora.pair(path)
+            pair["a"] = mx.random.normal(pair["a"].shape) * pair["a"].shape[0] ** -0.5
+            pair["b"] = mx.random.normal(pair["b"].shape) * 0.1
     mx.eval(model.parameters())
     return model
 

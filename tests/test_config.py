@@ -12,7 +12,7 @@ from specstream_mlx.bench.run import BenchError, BenchSettings, check_methods
 from specstream_mlx.cli import app
 from specstream_mlx.cli.app import _parse_widths
 from specstream_mlx.config import (
-    DEFAULT_ADAPTER_RANK, DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_STREAM_LAYERS, MODES,
+    DEFAULT_ADAPTER_RANK, DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_STREAM_LAYERS, DEFAULT_STREAM_LORA_RANK, MODES,
     SpecStreamConfig, TreeSettings,
 )
 from specstream_mlx.convert import pipeline
@@ -41,7 +41,8 @@ def test_library_defaults_are_configs():
     assert (config.gamma, config.stream_layers, config.mode) == want
     assert config.tree == TreeSettings()
     assert loading.FRESH_DEFAULTS == {"gamma": DEFAULT_GAMMA, "stream_layers": DEFAULT_STREAM_LAYERS,
-                                      "stream_adapter_rank": DEFAULT_ADAPTER_RANK}
+                                      "stream_adapter_rank": DEFAULT_ADAPTER_RANK,
+                                      "stream_lora_rank": DEFAULT_STREAM_LORA_RANK}
 
 
 @pytest.mark.parametrize("command", ["init", "convert"])
@@ -56,6 +57,7 @@ def test_help_texts_state_the_configs_defaults():
     assert f"default {DEFAULT_GAMMA})" in _option("train", "gamma").help
     assert f"default {DEFAULT_STREAM_LAYERS})" in _option("train", "stream_layers").help
     assert f"default {DEFAULT_ADAPTER_RANK})" in _option("train", "adapter_rank").help
+    assert f"default {DEFAULT_STREAM_LORA_RANK}:" in _option("train", "stream_lora_rank").help
     widths = ",".join(map(str, TreeSettings().widths))
     for command in ("generate", "bench"):
         assert widths in _option(command, "tree_width").help

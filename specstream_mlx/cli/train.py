@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-from ..config import DEFAULT_ADAPTER_RANK, DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_STREAM_LAYERS, MODES
+from ..config import (
+    DEFAULT_ADAPTER_RANK, DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_STREAM_LAYERS, DEFAULT_STREAM_LORA_RANK, MODES,
+)
 from .app import UsageError, _run, app, model_or_default
 
 
@@ -25,6 +27,10 @@ def train(
         None, "--stream-layers", help=f"MSA layers, for fresh streams (default {DEFAULT_STREAM_LAYERS})."),
     adapter_rank: Optional[int] = typer.Option(
         None, "--adapter-rank", help=f"Stream adapter rank, for fresh streams (default {DEFAULT_ADAPTER_RANK})."),
+    stream_lora_rank: Optional[int] = typer.Option(
+        None, "--stream-lora-rank",
+        help="Rank of LoRA on the MSA layers' projections for stream rows only, for fresh "
+             f"lossless streams (default {DEFAULT_STREAM_LORA_RANK}: none). Main rows keep the base weights."),
     fresh_streams: bool = typer.Option(
         False, "--fresh-streams",
         help="--model is a checkpoint: keep its base model, train new streams with the settings "
@@ -91,13 +97,15 @@ def train(
         if resume and not (out / STATE_JSON).is_file():
             raise UsageError(f"--resume: {out} holds no training checkpoint")
         source, fresh = model, fresh_streams
-        settings = {"gamma": gamma, "stream_layers": stream_layers, "adapter_rank": adapter_rank}
+        settings = {"gamma": gamma, "stream_layers": stream_layers, "adapter_rank": adapter_rank,
+                    "stream_lora_rank": stream_lora_rank}
         if resume:  # the checkpoint in --out knows what it was started with
             state = json.loads((out / STATE_JSON).read_text())
             source, fresh = state["base_dir"], state.get("fresh_streams", False)
             own = read_config(out)
             settings = {"gamma": own.gamma, "stream_layers": own.stream_layers,
-                        "adapter_rank": own.stream_adapter_rank}
+                        "adapter_rank": own.stream_adapter_rank,
+                        "stream_lora_rank": own.stream_lora_rank}
         ss_model, tokenizer, base_dir = load_for_training(
             source, mode=mode, seed=seed, fresh_streams=fresh, **settings)
         shared = ss_model.config.shared

@@ -237,13 +237,14 @@ def stream_hidden(model: SpecStreamModel, main: MainStream,
     h = h.reshape(1, positions.size * gamma, -1)  # (1, R*g, H)
     offset = RowPositions(mx.array(stream_pos.astype(np.int32)))
     masks = {}
-    for i, layer in enumerate(range(split, model.num_layers)):
-        window = model.windows[layer]
-        if window not in masks:
-            masks[window] = mx.array(within_window(block, stream_pos, key_pos, window))
-        h = adapt_streams(model, h, layer, 0)
-        cache = _FixedKV(main.keys[i], main.values[i], offset)
-        h = model.layers[layer](h, masks[window], cache=cache)
+    with model.stream_rows(0):  # every row here is a stream row
+        for i, layer in enumerate(range(split, model.num_layers)):
+            window = model.windows[layer]
+            if window not in masks:
+                masks[window] = mx.array(within_window(block, stream_pos, key_pos, window))
+            h = adapt_streams(model, h, layer, 0)
+            cache = _FixedKV(main.keys[i], main.values[i], offset)
+            h = model.layers[layer](h, masks[window], cache=cache)
     h = model.base.model.norm(h[0])
     return positions, h.reshape(positions.size, gamma, -1)
 

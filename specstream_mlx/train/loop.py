@@ -88,7 +88,8 @@ def check_medusa_mode(model: SpecStreamModel, config: TrainConfig) -> None:
 def make_trainable(model: SpecStreamModel, config: TrainConfig) -> None:
     """Freeze the base; unfreeze what the mode trains.
 
-    Lossless: stream embeddings, pruning adapter, stream adapters. Shared: the
+    Lossless: stream embeddings, pruning adapter, stream adapters, stream-row
+    LoRA. Shared: the
     same plus LoRA (rank ``config.lora_rank``) on the top ``Ns`` layers, so
     gradients never need to flow through the frozen lower layers; with
     ``config.medusa_heads``, Medusa heads too (Medusa-2: heads and LoRA trained
@@ -107,6 +108,8 @@ def make_trainable(model: SpecStreamModel, config: TrainConfig) -> None:
     model.prune_adapter.unfreeze()
     for adapter in model.stream_adapters:
         adapter.unfreeze()
+    for lora in model.stream_lora:
+        lora.unfreeze()
     if config.medusa_heads:
         heads = model.medusa
         if heads is None:

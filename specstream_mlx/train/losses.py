@@ -112,13 +112,14 @@ def train_forward(model: SpecStreamModel, tokens: mx.array, lower: Optional[mx.a
         all_positions = row_positions(rows, gamma, with_streams=True)
     offset = RowPositions(mx.array(all_positions.astype(np.int32)))
     masks = {}
-    for i in range(split, model.num_layers):
-        window = model.windows[i]
-        if window not in masks:
-            masks[window] = mx.array(within_window(block, all_positions, all_positions, window))
-        if with_streams:
-            h = adapt_streams(model, h, i, length)
-        h = model.layers[i](h, masks[window], cache=_TrainView(offset))
+    with model.stream_rows(length if with_streams else None):
+        for i in range(split, model.num_layers):
+            window = model.windows[i]
+            if window not in masks:
+                masks[window] = mx.array(within_window(block, all_positions, all_positions, window))
+            if with_streams:
+                h = adapt_streams(model, h, i, length)
+            h = model.layers[i](h, masks[window], cache=_TrainView(offset))
     h = model.base.model.norm(h)
     if not with_streams:
         return h, None, early_exit
