@@ -92,6 +92,19 @@ def write_base(path: Path, family: str, seed: int = 0) -> Path:
     return path
 
 
+def write_count_data(path: Path) -> Path:
+    """A tiny prompt/completion JSONL (8 records) for CLI training tests."""
+    path.write_text("".join(json.dumps({"prompt": f"count {i}", "completion": " 1 2 3 4 5"}) + "\n"
+                            for i in range(8)))
+    return path
+
+
+def tiny_train_args(base_dir: Path, data: Path, out: Path) -> list:
+    """``specstream-mlx train`` arguments shared by the CLI training tests (add the rest)."""
+    return ["train", "--model", str(base_dir), "--data", str(data), "--out", str(out),
+            "--batch-size", "2", "--max-seq-len", "32", "--save-every", "2", "--warmup", "1"]
+
+
 def reference_tokens(base, prompt, max_tokens: int) -> list:
     """Greedy tokens from mlx-lm's own decoding loop."""
     from mlx_lm.generate import generate_step

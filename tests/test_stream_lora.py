@@ -9,7 +9,10 @@ import pytest
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from .helpers import base_model, decode_tokens, random_prompt, reference_tokens, ss_model, write_base
+from .helpers import (
+    base_model, decode_tokens, random_prompt, reference_tokens, ss_model, tiny_train_args,
+    write_base, write_count_data,
+)
 from specstream_mlx.cache import make_cache
 from specstream_mlx.cli import app
 from specstream_mlx.config import CheckpointError, SpecStreamConfig, TreeSettings
@@ -165,14 +168,11 @@ def test_pytorch_reference_refuses_stream_lora():
 
 def test_cli_trains_stream_lora_and_generates_the_base_models_text(tmp_path):
     base_dir = write_base(tmp_path / "base", "llama")
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"count {i}", "completion": " 1 2 3 4 5"}) + "\n"
-                            for i in range(8)))
+    data = write_count_data(tmp_path / "data.jsonl")
     out = tmp_path / "trained"
     runner = CliRunner()
-    args = ["train", "--model", str(base_dir), "--data", str(data), "--out", str(out),
-            "--stream-layers", "2", "--stream-lora-rank", "4", "--batch-size", "2",
-            "--max-seq-len", "32", "--save-every", "2", "--warmup", "1", "--iters", "2"]
+    args = tiny_train_args(base_dir, data, out) + ["--stream-layers", "2", "--stream-lora-rank", "4",
+                                                   "--iters", "2"]
     refused = runner.invoke(app, args + ["--mode", "shared"])
     assert refused.exit_code != 0 and "lossless streams" in refused.output, refused.output
     assert not out.exists()

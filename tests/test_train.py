@@ -9,7 +9,10 @@ import pytest
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from .helpers import VOCAB, base_model, decode_tokens, random_prompt, reference_tokens, write_base
+from .helpers import (
+    VOCAB, base_model, decode_tokens, random_prompt, reference_tokens, tiny_train_args, write_base,
+    write_count_data,
+)
 from specstream_mlx.cli import app
 from specstream_mlx.config import SpecStreamConfig
 from specstream_mlx.train.data import DataError, Example, collate, load_examples
@@ -259,14 +262,10 @@ def test_bad_data_line_names_file_and_line(tmp_path, base_dir):
 
 
 def test_cli_train_resume_and_generate(tmp_path, base_dir):
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"count {i}", "completion": " 1 2 3 4 5"}) + "\n"
-                            for i in range(8)))
+    data = write_count_data(tmp_path / "data.jsonl")
     out = tmp_path / "trained"
     runner = CliRunner()
-    args = ["train", "--model", str(base_dir), "--data", str(data), "--out", str(out),
-            "--stream-layers", "2", "--adapter-rank", "4", "--batch-size", "2",
-            "--max-seq-len", "32", "--save-every", "2", "--warmup", "1"]
+    args = tiny_train_args(base_dir, data, out) + ["--stream-layers", "2", "--adapter-rank", "4"]
     result = runner.invoke(app, args + ["--iters", "2"])
     assert result.exit_code == 0, result.output
     again = runner.invoke(app, args + ["--iters", "2"])
@@ -279,9 +278,7 @@ def test_cli_train_resume_and_generate(tmp_path, base_dir):
 
 
 def test_cli_train_fresh_streams_over_a_checkpoint(tmp_path, base_dir):
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"count {i}", "completion": " 1 2 3 4 5"}) + "\n"
-                            for i in range(8)))
+    data = write_count_data(tmp_path / "data.jsonl")
     runner = CliRunner()
     ckpt = tmp_path / "ckpt"
     result = runner.invoke(app, ["init", "--model", str(base_dir), "--out", str(ckpt), "--stream-layers", "2"])
