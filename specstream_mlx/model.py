@@ -69,6 +69,13 @@ def _dims(linear: nn.Module) -> tuple:
     return out, packed * 32 // linear.bits if isinstance(linear, nn.QuantizedLinear) else packed
 
 
+def _walk(node, parts):
+    """``node[parts[0]][parts[1]]...``: a module's child, or a nested parameter dict's entry."""
+    for part in parts:
+        node = node[part]
+    return node
+
+
 class StreamLoRA(nn.Module):
     """Low-rank updates of one multi-stream layer's projections, for stream rows only.
 
@@ -96,10 +103,7 @@ class StreamLoRA(nn.Module):
                      if name.endswith(".a"))
 
     def pair(self, path: str) -> dict:
-        node = self
-        for part in path.split("."):
-            node = node[part]
-        return node
+        return _walk(self, path.split("."))
 
 
 class _StreamRows:
@@ -189,10 +193,7 @@ class SpecStreamModel(nn.Module):
             self.stream_lora.append(StreamLoRA(layer, config.stream_lora_rank))
             for path, linear in _projections(layer):
                 *parents, name = path.split(".")
-                parent = layer
-                for part in parents:
-                    parent = parent[part]
-                setattr(parent, name, StreamRowsLinear(linear, self._rows, k, path))
+                setattr(_walk(layer, parents), name, StreamRowsLinear(linear, self._rows, k, path))
 
     @contextmanager
     def stream_rows(self, start: Optional[int]):
