@@ -128,11 +128,14 @@ SHIPPED = [
      "Write a description of the restaurant from this meaning representation (attribute[value] "
      "pairs).\n\nname[The Wrestlers], eatType[pub], food[Italian], priceRange[cheap], area[city centre]",
      ((1, 1, 1), (3, 2, 1)), 1.5),  # 25 tokens in 15 forwards (1.67); fresh streams draft ~1.0
-    ("smollm2-135m-sql",
-     "Write one SQL query that answers the question, using these tables.\n\nCREATE TABLE Tryout "
-     "(pID INTEGER, cName VARCHAR, pPos VARCHAR, decision VARCHAR)\n\nQuestion: What are the "
-     "different names of the colleges involved in the tryout in alphabetical order?",
-     ((1, 1), (3, 2, 1)), 1.6),  # 40 tokens in 20 forwards (2.0), 2026-12-07
+    ("smollm2-135m-sql",  # a dev question (its database is in neither train nor test)
+     "Write one SQL query that answers the question, using these tables.\n\nCREATE TABLE Apartments "
+     "(apt_id INTEGER, building_id INTEGER, apt_type_code VARCHAR, apt_number VARCHAR, bathroom_count "
+     "INTEGER, bedroom_count INTEGER, room_count VARCHAR)\nCREATE TABLE Apartment_Bookings "
+     "(apt_booking_id INTEGER, apt_id INTEGER, guest_id INTEGER, booking_status_code VARCHAR, "
+     "booking_start_date DATETIME, booking_end_date DATETIME)\n\nQuestion: Show the apartment "
+     "numbers, start dates, and end dates of all the apartment bookings.",
+     ((1, 1, 1), (3, 2, 1)), 1.8),  # 41 tokens in 18 forwards (2.28), 2026-12-07, full-data model
     ("smollm2-135m-dialogsum",  # the first dev dialogue
      "Summarize the following dialogue.\n"
      "\n"

@@ -15,7 +15,7 @@ from .helpers import (
 )
 from specstream_mlx.cli import app
 from specstream_mlx.config import SpecStreamConfig
-from specstream_mlx.train.data import DataError, Example, collate, load_examples
+from specstream_mlx.train.data import DataError, Example, collate, first_target_tokens, load_examples
 from specstream_mlx.config import TreeSettings
 from specstream_mlx.families import family_for
 from specstream_mlx.forward import forward, logits
@@ -277,6 +277,48 @@ def test_cli_train_resume_and_generate(tmp_path, base_dir):
     assert result.exit_code == 0, result.output
 
 
+def test_first_target_tokens_cuts_the_shortest_prefix():
+    examples = [Example((1, 2, 3, 4), 2), Example((5, 6, 7), 0), Example((8, 9), 1)]  # 2, 3, 1 targets
+    assert first_target_tokens(examples, 1) == examples[:1]
+    assert first_target_tokens(examples, 2) == examples[:1]
+    assert first_target_tokens(examples, 3) == examples[:2]
+    assert first_target_tokens(examples, 6) == examples
+    with pytest.raises(DataError, match="holds 6 target tokens, fewer than --data-tokens 7"):
+        first_target_tokens(examples, 7)
+    with pytest.raises(DataError, match="positive"):
+        first_target_tokens(examples, 0)
+
+
+def test_cli_data_tokens_and_cache_dtype(tmp_path, base_dir):
+    data = write_count_data(tmp_path / "data.jsonl")
+    out = tmp_path / "trained"
+    runner = CliRunner()
+    args = tiny_train_args(base_dir, data, out) + ["--stream-layers", "2", "--adapter-rank", "4"]
+    result = runner.invoke(app, args + ["--iters", "2", "--data-tokens", "10"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "training_state.json").read_text())["data_tokens"] == 10
+    result = runner.invoke(app, args + ["--iters", "4", "--resume"])
+    assert result.exit_code == 2 and "--data-tokens 10" in result.output, result.output
+    result = runner.invoke(app, args + ["--iters", "4", "--resume", "--data-tokens", "10"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, tiny_train_args(base_dir, data, tmp_path / "big")
+                           + ["--iters", "2", "--data-tokens", "100000"])
+    assert result.exit_code != 0 and "fewer than --data-tokens 100000" in result.output
+    assert not (tmp_path / "big").exists()
+    result = runner.invoke(app, tiny_train_args(base_dir, data, tmp_path / "d")
+                           + ["--iters", "2", "--data-tokens", "10", "--distill"])
+    assert result.exit_code == 2 and "--distill" in result.output
+    result = runner.invoke(app, tiny_train_args(base_dir, data, tmp_path / "half")
+                           + ["--iters", "2", "--cache-dtype", "float16"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, tiny_train_args(base_dir, data, tmp_path / "int8")
+                           + ["--iters", "2", "--cache-dtype", "int8"])
+    assert result.exit_code != 0 and "cache_dtype must be one of float32, float16" in result.output
+    result = runner.invoke(app, tiny_train_args(base_dir, data, tmp_path / "uncached")
+                           + ["--iters", "2", "--cache-dtype", "float16", "--no-cached"])
+    assert result.exit_code == 2 and "lossless mode only" in result.output
+
+
 def test_cli_train_fresh_streams_over_a_checkpoint(tmp_path, base_dir):
     data = write_count_data(tmp_path / "data.jsonl")
     runner = CliRunner()
@@ -323,6 +365,30 @@ def test_cached_stream_rows_match_training_forward(family):
     some, sampled = stream_hidden(model, main, np.random.default_rng(0).random(6))
     assert 0 < some.size <= 6 and set(some) <= set(positions)
     np.testing.assert_allclose(np.array(sampled), np.array(streams[0, mx.array(some)]), atol=1e-5)
+
+
+def test_cached_main_stream_keeps_loss_rows_only_and_can_be_stored_half_size(monkeypatch):
+    from specstream_mlx.train import cached
+
+    model = _model()
+    tokens = random_prompt(30, seed=3)
+    examples = [Example(tuple(tokens), 12), Example(tuple(tokens[:9]), 2)]
+    full = cached.precompute(model, examples)
+    assert [m.hidden_start for m in full] == [12 - 1 - 3, 0]  # gamma 3: row 8 streams to token 12
+    assert full[0].hidden.shape[0] == 30 - 8 and full[1].hidden.shape[0] == 9
+    stored = sum(a.nbytes for m in full for a in [m.hidden, *m.keys, *m.values])
+    assert cached.main_stream_bytes(model, examples) == stored
+    half = cached.precompute(model, examples, mx.float16)
+    assert all(a.dtype == mx.float16 for m in half for a in [m.hidden, *m.keys, *m.values])
+    assert cached.main_stream_bytes(model, examples, mx.float16) * 2 == stored
+    _, want = cached.stream_hidden(model, full[0])
+    _, got = cached.stream_hidden(model, half[0])
+    assert got.dtype == mx.float32
+    err = float(mx.abs(got - want).max())
+    assert 0 < err < 5e-2 * float(mx.abs(want).max())  # rounded once, computed in float32
+    monkeypatch.setattr(cached, "_memory_bytes", lambda: stored)  # a machine too small for it
+    with pytest.raises(ValueError, match="--cache-dtype float16"):
+        cached.precompute(model, examples)
 
 
 def test_cached_training_learns_and_resumes(tmp_path, base_dir, monkeypatch):

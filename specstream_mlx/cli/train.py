@@ -22,6 +22,10 @@ def train(
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
     mode: Optional[str] = typer.Option(None, help=f"{' | '.join(MODES)} (default: the checkpoint's; fresh streams: {DEFAULT_MODE})."),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation JSONL."),
+    data_tokens: Optional[int] = typer.Option(
+        None, "--data-tokens", min=1,
+        help="Train on the first examples of --data (file order) that hold this many target "
+             "tokens (a data learning curve; default: all)."),
     gamma: Optional[int] = typer.Option(None, help=f"Streams, for fresh streams (default {DEFAULT_GAMMA})."),
     stream_layers: Optional[int] = typer.Option(
         None, "--stream-layers", help=f"MSA layers, for fresh streams (default {DEFAULT_STREAM_LAYERS})."),
@@ -69,13 +73,17 @@ def train(
         None, "--positions",
         help="Cached training: streams of this many random positions per example and step "
              "(default: all); cheaper steps, so more examples per step."),
+    cache_dtype: Optional[str] = typer.Option(
+        None, "--cache-dtype",
+        help="Cached lossless training: store the main stream as float16 | bfloat16 | float32 "
+             "(default: the model's type). float16 halves a float32 model's cache, for large corpora."),
     group_by_length: bool = typer.Option(
         True, "--group-by-length/--no-group-by-length",
         help="Batch examples of similar length together (less padding), as mlx-lm's trainer does."),
     seed: int = typer.Option(0),
 ):
     """Fine-tune the streams (lossless) or streams + LoRA (shared mode)."""
-    from ..train.data import load_examples
+    from ..train.data import first_target_tokens, load_examples
     from ..train.distill import distill as run_distill
     from ..bench.evaluate import speed_on_prompts
     from ..config import read_config
@@ -89,11 +97,14 @@ def train(
             iters=iters, batch_size=batch_size, max_seq_len=max_seq_len,
             learning_rate=learning_rate, embedding_lr=embedding_lr, warmup=warmup,
             schedule=schedule, lora_rank=lora_rank, seed=seed, save_every=save_every,
-            positions=positions, val_every=val_every if val_data else 0,
+            positions=positions, cache_dtype=cache_dtype, val_every=val_every if val_data else 0,
             group_by_length=group_by_length, medusa_heads=medusa_heads,
         )
         if out.exists() and not resume:
             raise UsageError(f"{out} exists: pass --resume to continue it, or choose another --out")
+        if data_tokens is not None and distill:
+            raise UsageError("--data-tokens counts the targets of --data, and --distill replaces "
+                             "them: distill first (specstream-mlx distill), then train on the corpus")
         if resume and not (out / STATE_JSON).is_file():
             raise UsageError(f"--resume: {out} holds no training checkpoint")
         source, fresh = model, fresh_streams
@@ -102,6 +113,11 @@ def train(
         if resume:  # the checkpoint in --out knows what it was started with
             state = json.loads((out / STATE_JSON).read_text())
             source, fresh = state["base_dir"], state.get("fresh_streams", False)
+            if state.get("data_tokens") != data_tokens:
+                def said(n):
+                    return "all of --data" if n is None else f"--data-tokens {n}"
+                raise UsageError(f"--resume: {out} was trained on {said(state.get('data_tokens'))}, "
+                                 f"not {said(data_tokens)}: resume with the same data")
             own = read_config(out)
             settings = {"gamma": own.gamma, "stream_layers": own.stream_layers,
                         "adapter_rank": own.stream_adapter_rank,
@@ -111,9 +127,12 @@ def train(
         shared = ss_model.config.shared
         check_medusa_mode(ss_model, config)  # before any data loading or distillation
         use_cache = True if cached is None else cached
-        if positions is not None and (shared or not use_cache):
-            raise UsageError("--positions works with cached training in lossless mode only")
+        for given, option in ((positions, "--positions"), (cache_dtype, "--cache-dtype")):
+            if given is not None and (shared or not use_cache):
+                raise UsageError(f"{option} works with cached training in lossless mode only")
         examples = load_examples(data, tokenizer)
+        if data_tokens is not None:
+            examples = first_target_tokens(examples, data_tokens)
         if distill:
             out.parent.mkdir(parents=True, exist_ok=True)
             cache = out.parent / f"{out.name}.distilled.jsonl"
@@ -131,7 +150,7 @@ def train(
         config.weights = weights
         figures = run_train(ss_model, examples, config, base_dir, out,
                             resume=out if resume else None, validate=validate, cached=use_cache,
-                            extra_state={"fresh_streams": fresh})
+                            extra_state={"fresh_streams": fresh, "data_tokens": data_tokens})
         typer.echo(json.dumps(figures, indent=2))
 
     _run(run, ctx)
@@ -142,6 +161,10 @@ def train_heads_command(
     ctx: typer.Context,
     model: str = typer.Option(..., "--model", help="Checkpoint (or plain mlx-lm model) whose base the heads draft for."),
     data: str = typer.Option(..., "--data", help="JSONL file or folder (train.jsonl), as for train."),
+    data_tokens: Optional[int] = typer.Option(
+        None, "--data-tokens", min=1,
+        help="Train on the first examples of --data (file order) that hold this many target "
+             "tokens (a data learning curve; default: all)."),
     out: Path = typer.Option(..., "--out", help="Output checkpoint: --model's files plus the head's (medusa.* or eagle.*)."),
     kind: str = typer.Option("medusa", "--kind", help="medusa (K heads, head k drafts k+1 tokens ahead) | "
                              "eagle (one decoder layer drafting features autoregressively)."),
@@ -159,7 +182,7 @@ def train_heads_command(
 
     def run():
         from ..loading import load, resolve_path
-        from ..train.data import load_examples
+        from ..train.data import first_target_tokens, load_examples
         from ..train.heads import HeadsTrainConfig, train_heads
 
         config = HeadsTrainConfig(kind=kind, num_heads=num_heads, iters=iters, batch_size=batch_size,
@@ -170,6 +193,8 @@ def train_heads_command(
         source = resolve_path(model_or_default(model))
         ss_model, tokenizer = load(str(source))
         examples = load_examples(data, tokenizer)
+        if data_tokens is not None:
+            examples = first_target_tokens(examples, data_tokens)
         figures = train_heads(ss_model, examples, config, source, out, resume=resume)
         typer.echo(json.dumps({"out": str(out), **figures}, indent=2))
 

@@ -56,8 +56,14 @@ class MainStream:
     Attributes:
         tokens: ``(T,)`` token ids (numpy).
         loss_start: first target index.
-        hidden: ``(T, H)`` hidden state at the input of layer ``N - Ns``.
+        hidden: ``(T - hidden_start, H)`` hidden state at the input of layer
+            ``N - Ns``, rows ``hidden_start ..`` only: no earlier row's streams
+            carry loss (``main_rows_from``).
         keys, values: per multi-stream layer, ``(1, H_kv, T, D)`` (keys after RoPE).
+        hidden_start: the first row kept in ``hidden``.
+
+    The arrays may be stored in a narrower type than the model's
+    (``precompute``'s ``dtype``); ``stream_hidden`` computes in the model's.
     """
 
     tokens: np.ndarray
@@ -65,6 +71,44 @@ class MainStream:
     hidden: mx.array
     keys: List[mx.array]
     values: List[mx.array]
+    hidden_start: int = 0
+    dtype: Optional[mx.Dtype] = None  # the model's activations' (None: the stored one)
+
+    def rows(self, at: np.ndarray) -> mx.array:
+        """Hidden states of rows ``at`` (absolute positions), in the model's type: ``(len(at), H)``."""
+        rows = self.hidden[mx.array(at - self.hidden_start)]
+        return rows if self.dtype is None else rows.astype(self.dtype)
+
+
+def main_rows_from(loss_start: int, gamma: int) -> int:
+    """The first row whose streams carry loss: stream ``gamma`` of row ``t`` predicts ``t + 1 + gamma``."""
+    return max(0, loss_start - 1 - gamma)
+
+
+CACHE_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def main_stream_bytes(model: SpecStreamModel, examples: Sequence[Example], dtype=None) -> int:
+    """Bytes ``precompute`` keeps for ``examples``: keys/values of every row, hidden from the first loss row."""
+    args = model.base.args
+    heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    kv = 2 * (model.num_layers - model.first_stream_layer) * heads * head_dim
+    gamma, size = model.config.gamma, (dtype or _activation_dtype(model)).size
+    return size * sum(len(e.tokens) * kv + (len(e.tokens) - main_rows_from(e.loss_start, gamma))
+                      * model.config.hidden_size for e in examples)
+
+
+def _activation_dtype(model: SpecStreamModel):
+    """The type of the main stream's hidden states (the embedding's output)."""
+    return embed(model.family, model.base, mx.array([[0]])).dtype
+
+
+def _memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform says
+        return None
 
 
 def _report(label: str, done: int, total: int, tic: float) -> None:
@@ -165,9 +209,27 @@ def _fingerprint(model: SpecStreamModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def precompute(model: SpecStreamModel, examples: Sequence[Example]) -> List[MainStream]:
-    """Run the frozen main stream of every example once (with progress)."""
+def precompute(model: SpecStreamModel, examples: Sequence[Example], dtype=None) -> List[MainStream]:
+    """Run the frozen main stream of every example once (with progress).
+
+    Args:
+        dtype: keep the states in this type (``None``: the model's). float16
+            halves the memory of a float32 model's cache; the states are then
+            rounded once, the streams' training computes in the model's type.
+
+    Raises:
+        ValueError: the cache would not fit in this machine's memory (the
+            message says what to pass instead).
+    """
     split, n = model.first_stream_layer, model.num_layers
+    need, have = main_stream_bytes(model, examples, dtype), _memory_bytes()
+    if have is not None and need > 0.75 * have:
+        raise ValueError(
+            f"the cached main stream of {len(examples)} examples needs {need / 2**30:.1f} GiB, more "
+            f"than 3/4 of this machine's {have / 2**30:.1f} GiB: pass --cache-dtype float16 (half "
+            f"the size for a float32 model), fewer --data-tokens or a lower --max-seq-len")
+    gamma = model.config.gamma
+    store = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
     out = []
     tic = time.perf_counter()
     for i, example in enumerate(examples, start=1):
@@ -178,12 +240,14 @@ def precompute(model: SpecStreamModel, examples: Sequence[Example]) -> List[Main
         run = partial(run_layers, block=rows.ancestors, positions=rows.depth, is_chain=True,
                       cache=cache)
         hidden = run(model, embed(model.family, model.base, mx.array(tokens)[None]), range(split))
+        kind = None if dtype is None else hidden.dtype
         run(model, hidden, range(split, n))  # fills the multi-stream layers' keys/values
-        hidden = hidden[0]
-        keys = [cache[layer].keys[..., :length, :] for layer in range(split, n)]
-        values = [cache[layer].values[..., :length, :] for layer in range(split, n)]
+        first = main_rows_from(example.loss_start, gamma)
+        hidden = store(hidden[0, first:])
+        keys = [store(cache[layer].keys[..., :length, :]) for layer in range(split, n)]
+        values = [store(cache[layer].values[..., :length, :]) for layer in range(split, n)]
         mx.eval(hidden, keys, values)
-        out.append(MainStream(tokens, example.loss_start, hidden, keys, values))
+        out.append(MainStream(tokens, example.loss_start, hidden, keys, values, first, kind))
         _report("cache main stream", i, len(examples), tic)
     return out
 
@@ -195,8 +259,8 @@ class _FixedKV:
         self.keys, self.values, self.offset = keys, values, offset
 
     def update_and_fetch(self, keys, values):
-        return (mx.concatenate([self.keys, keys], axis=2),
-                mx.concatenate([self.values, values], axis=2))
+        return (mx.concatenate([self.keys.astype(keys.dtype), keys], axis=2),
+                mx.concatenate([self.values.astype(values.dtype), values], axis=2))
 
 
 def _stream_plan(main: MainStream, gamma: int, sample: Optional[np.ndarray] = None):
@@ -206,7 +270,7 @@ def _stream_plan(main: MainStream, gamma: int, sample: Optional[np.ndarray] = No
     positions (one per position kept), or ``None`` for all of them.
     """
     length = len(main.tokens)
-    first = max(0, main.loss_start - 1 - gamma)
+    first = main_rows_from(main.loss_start, gamma)
     positions = np.arange(first, length - 1)  # (R,) rows t; stream j predicts t + 1 + j
     if sample is not None and sample.size < positions.size:
         positions = np.unique(positions[(sample * positions.size).astype(np.int64)])  # sorted
@@ -233,7 +297,8 @@ def stream_hidden(model: SpecStreamModel, main: MainStream,
     """
     gamma, split = model.config.gamma, model.first_stream_layer
     positions, stream_pos, block, key_pos = _stream_plan(main, gamma, sample)
-    h = main.hidden[mx.array(positions)][:, None, :] + model.stream_embeddings.astype(main.hidden.dtype)
+    h = main.rows(positions)
+    h = h[:, None, :] + model.stream_embeddings.astype(h.dtype)
     h = h.reshape(1, positions.size * gamma, -1)  # (1, R*g, H)
     offset = RowPositions(mx.array(stream_pos.astype(np.int32)))
     masks = {}
@@ -322,7 +387,7 @@ class CachedLoss:
                 entry[0], entry[1], entry[2] = entry[0] + loss, entry[1] + int(use.sum()), entry[2] + hits
             if self.weights.early_exit > 0:
                 at = np.arange(max(main.loss_start - 1, 0), length - 1)
-                exits = model.base.model.norm(model.prune_adapter(main.hidden[mx.array(at)]))
+                exits = model.base.model.norm(model.prune_adapter(main.rows(at)))
                 loss, hits = _subset_ce(exits, main.tokens[at + 1], weight, candidates)
                 entry = sums["exit"]
                 entry[0], entry[1], entry[2] = entry[0] + loss, entry[1] + at.size, entry[2] + hits

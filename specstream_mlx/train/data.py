@@ -127,6 +127,27 @@ def load_examples(path: str, tokenizer, split: str = "train",
     return examples
 
 
+def first_target_tokens(examples: Sequence[Example], count: int) -> List[Example]:
+    """The shortest prefix of ``examples`` (file order) with ``count`` target tokens.
+
+    A data learning curve trains on prefixes of one corpus (84k, 250k, ...
+    tokens); a distilled corpus keeps its shuffled prompt order, so each prefix
+    mixes every source. Targets are ``tokens[loss_start:]``.
+
+    Raises:
+        DataError: ``count`` is not positive, or the examples hold fewer target tokens.
+    """
+    if count <= 0:
+        raise DataError(f"--data-tokens must be a positive number of target tokens, not {count}")
+    total = 0
+    for i, example in enumerate(examples):
+        total += len(example.tokens) - example.loss_start
+        if total >= count:
+            return list(examples[: i + 1])
+    raise DataError(f"the data holds {total} target tokens, fewer than --data-tokens {count}: "
+                    f"distill more (docs/distill.md) or ask for fewer")
+
+
 def batch_indices(count: int, batch_size: int, seed: int, start_step: int = 0,
                   lengths: Optional[Sequence[int]] = None, window: int = 32) -> Iterator[np.ndarray]:
     """Endless deterministic batches of example indices.

@@ -46,6 +46,7 @@ class TrainConfig:
     learning_rate: float = 5e-4
     embedding_lr: Optional[float] = None  # stream embeddings' own rate (None: learning_rate)
     positions: Optional[int] = None  # cached training: random positions per example and step
+    cache_dtype: Optional[str] = None  # cached lossless training: the main stream's stored type
     warmup: int = 50
     schedule: str = "cosine"  # or "constant"
     weights: LossWeights = field(default_factory=LossWeights)
@@ -73,6 +74,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        from .cached import CACHE_DTYPES
+
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
 
@@ -277,14 +282,15 @@ def train(
         start = restore_state(model, optimizer, resume)
     lowers = None
     if cached:
-        from .cached import CachedLoss, LowerCache, precompute
+        from .cached import CACHE_DTYPES, CachedLoss, LowerCache, precompute
 
         examples = [Example(e.tokens[: config.max_seq_len], e.loss_start) for e in examples
                     if e.loss_start < min(len(e.tokens), config.max_seq_len) - 1]
         if not examples:
             raise ValueError(f"no example has a completion within --max-seq-len {config.max_seq_len}")
     if cached and not model.config.shared:
-        objective = CachedLoss(model, precompute(model, examples), config.weights, seed=config.seed,
+        mains = precompute(model, examples, CACHE_DTYPES.get(config.cache_dtype))
+        objective = CachedLoss(model, mains, config.weights, seed=config.seed,
                                positions=config.positions)
         step_fn = nn.value_and_grad(model, objective)
     else:
