@@ -104,6 +104,21 @@ def test_train_heads_learns_the_base_and_drafts_through_the_cli(tmp_path):
     assert result.exit_code == 2 and "--drafts" in result.output
 
 
+def test_train_heads_data_tokens_is_checked_on_resume(tmp_path):
+    ckpt, data = checkpoint_with_own_data(tmp_path)
+    runner = CliRunner()
+    out = tmp_path / "medusa"
+    args = ["train-heads", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--num-heads", "2",
+            "--batch-size", "4", "--max-seq-len", "64", "--warmup", "1", "--save-every", "2"]
+    result = runner.invoke(app, args + ["--iters", "2", "--data-tokens", "100"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "medusa_state.json").read_text())["config"]["data_tokens"] == 100
+    result = runner.invoke(app, args + ["--iters", "4", "--resume"])
+    assert result.exit_code != 0 and "--data-tokens 100" in result.output, result.output
+    result = runner.invoke(app, args + ["--iters", "4", "--resume", "--data-tokens", "100"])
+    assert result.exit_code == 0, result.output
+
+
 def test_heads_config_refuses_zero_heads():
     with pytest.raises(ValueError, match="num_heads must be at least 1"):
         HeadsConfig(0, 64, 272, 4)

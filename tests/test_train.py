@@ -279,6 +279,7 @@ def test_cli_train_resume_and_generate(tmp_path, base_dir):
 
 def test_first_target_tokens_cuts_the_shortest_prefix():
     examples = [Example((1, 2, 3, 4), 2), Example((5, 6, 7), 0), Example((8, 9), 1)]  # 2, 3, 1 targets
+    assert first_target_tokens(examples, 2, max_seq_len=3) == examples[:2]  # 1 + 3 within 3 tokens
     assert first_target_tokens(examples, 1) == examples[:1]
     assert first_target_tokens(examples, 2) == examples[:1]
     assert first_target_tokens(examples, 3) == examples[:2]
@@ -289,7 +290,7 @@ def test_first_target_tokens_cuts_the_shortest_prefix():
         first_target_tokens(examples, 0)
 
 
-def test_cli_data_tokens_and_cache_dtype(tmp_path, base_dir):
+def test_cli_data_tokens_and_cache_dtype(tmp_path, base_dir, monkeypatch):
     data = write_count_data(tmp_path / "data.jsonl")
     out = tmp_path / "trained"
     runner = CliRunner()
@@ -308,9 +309,15 @@ def test_cli_data_tokens_and_cache_dtype(tmp_path, base_dir):
     result = runner.invoke(app, tiny_train_args(base_dir, data, tmp_path / "d")
                            + ["--iters", "2", "--data-tokens", "10", "--distill"])
     assert result.exit_code == 2 and "--distill" in result.output
+    from specstream_mlx.train import cached
+
+    asked = []
+    monkeypatch.setattr(cached, "precompute",
+                        lambda m, e, dtype=None, _f=cached.precompute: asked.append(dtype) or _f(m, e, dtype))
     result = runner.invoke(app, tiny_train_args(base_dir, data, tmp_path / "half")
                            + ["--iters", "2", "--cache-dtype", "float16"])
     assert result.exit_code == 0, result.output
+    assert asked == [mx.float16]
     result = runner.invoke(app, tiny_train_args(base_dir, data, tmp_path / "int8")
                            + ["--iters", "2", "--cache-dtype", "int8"])
     assert result.exit_code != 0 and "cache_dtype must be one of float32, float16" in result.output
@@ -378,6 +385,20 @@ def test_cached_main_stream_keeps_loss_rows_only_and_can_be_stored_half_size(mon
     assert full[0].hidden.shape[0] == 30 - 8 and full[1].hidden.shape[0] == 9
     stored = sum(a.nbytes for m in full for a in [m.hidden, *m.keys, *m.values])
     assert cached.main_stream_bytes(model, examples) == stored
+    # Rows kept are the full forward's rows, at their absolute positions (streams, early exit).
+    whole = cached.precompute(model, [Example(tuple(tokens), 0)])[0]
+    at = np.arange(8, 29)
+    np.testing.assert_array_equal(np.array(full[0].rows(at)), np.array(whole.rows(at)))
+    # What stays allocated is the compact arrays, not the slices' parent buffers.
+    import gc
+
+    del full, whole
+    gc.collect()
+    before = mx.get_active_memory()
+    full = cached.precompute(model, examples)
+    gc.collect()
+    held = mx.get_active_memory() - before
+    assert stored <= held < stored * 1.25 + 4096, (held, stored)
     half = cached.precompute(model, examples, mx.float16)
     assert all(a.dtype == mx.float16 for m in half for a in [m.hidden, *m.keys, *m.values])
     assert cached.main_stream_bytes(model, examples, mx.float16) * 2 == stored

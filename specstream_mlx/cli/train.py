@@ -25,7 +25,7 @@ def train(
     data_tokens: Optional[int] = typer.Option(
         None, "--data-tokens", min=1,
         help="Train on the first examples of --data (file order) that hold this many target "
-             "tokens (a data learning curve; default: all)."),
+             "tokens within --max-seq-len (a data learning curve; default: all)."),
     gamma: Optional[int] = typer.Option(None, help=f"Streams, for fresh streams (default {DEFAULT_GAMMA})."),
     stream_layers: Optional[int] = typer.Option(
         None, "--stream-layers", help=f"MSA layers, for fresh streams (default {DEFAULT_STREAM_LAYERS})."),
@@ -132,7 +132,7 @@ def train(
                 raise UsageError(f"{option} works with cached training in lossless mode only")
         examples = load_examples(data, tokenizer)
         if data_tokens is not None:
-            examples = first_target_tokens(examples, data_tokens)
+            examples = first_target_tokens(examples, data_tokens, max_seq_len)
         if distill:
             out.parent.mkdir(parents=True, exist_ok=True)
             cache = out.parent / f"{out.name}.distilled.jsonl"
@@ -164,7 +164,7 @@ def train_heads_command(
     data_tokens: Optional[int] = typer.Option(
         None, "--data-tokens", min=1,
         help="Train on the first examples of --data (file order) that hold this many target "
-             "tokens (a data learning curve; default: all)."),
+             "tokens within --max-seq-len (a data learning curve; default: all)."),
     out: Path = typer.Option(..., "--out", help="Output checkpoint: --model's files plus the head's (medusa.* or eagle.*)."),
     kind: str = typer.Option("medusa", "--kind", help="medusa (K heads, head k drafts k+1 tokens ahead) | "
                              "eagle (one decoder layer drafting features autoregressively)."),
@@ -187,14 +187,14 @@ def train_heads_command(
 
         config = HeadsTrainConfig(kind=kind, num_heads=num_heads, iters=iters, batch_size=batch_size,
                                   max_seq_len=max_seq_len, learning_rate=learning_rate, warmup=warmup,
-                                  seed=seed, save_every=save_every)
+                                  seed=seed, save_every=save_every, data_tokens=data_tokens)
         if out.exists() and not resume:
             raise UsageError(f"{out} exists: pass --resume to continue it, or choose another --out")
         source = resolve_path(model_or_default(model))
         ss_model, tokenizer = load(str(source))
         examples = load_examples(data, tokenizer)
         if data_tokens is not None:
-            examples = first_target_tokens(examples, data_tokens)
+            examples = first_target_tokens(examples, data_tokens, max_seq_len)
         figures = train_heads(ss_model, examples, config, source, out, resume=resume)
         typer.echo(json.dumps({"out": str(out), **figures}, indent=2))
 

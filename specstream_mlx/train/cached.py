@@ -222,6 +222,9 @@ def precompute(model: SpecStreamModel, examples: Sequence[Example], dtype=None) 
             message says what to pass instead).
     """
     split, n = model.first_stream_layer, model.num_layers
+    if dtype is not None and dtype == mx.float16 and _activation_dtype(model) == mx.bfloat16:
+        raise ValueError("this is a bfloat16 model: its states may not fit in float16's range; "
+                         "pass --cache-dtype bfloat16")
     need, have = main_stream_bytes(model, examples, dtype), _memory_bytes()
     if have is not None and need > 0.75 * have:
         raise ValueError(
@@ -229,7 +232,9 @@ def precompute(model: SpecStreamModel, examples: Sequence[Example], dtype=None) 
             f"than 3/4 of this machine's {have / 2**30:.1f} GiB: pass --cache-dtype float16 (half "
             f"the size for a float32 model), fewer --data-tokens or a lower --max-seq-len")
     gamma = model.config.gamma
-    store = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
+    # A compact copy: a slice alone would keep its whole parent buffer (the
+    # full hidden state, the key/value cache's allocation) alive.
+    store = (lambda a: mx.contiguous(a if dtype is None else a.astype(dtype)))
     out = []
     tic = time.perf_counter()
     for i, example in enumerate(examples, start=1):

@@ -127,12 +127,14 @@ def load_examples(path: str, tokenizer, split: str = "train",
     return examples
 
 
-def first_target_tokens(examples: Sequence[Example], count: int) -> List[Example]:
+def first_target_tokens(examples: Sequence[Example], count: int,
+                        max_seq_len: Optional[int] = None) -> List[Example]:
     """The shortest prefix of ``examples`` (file order) with ``count`` target tokens.
 
     A data learning curve trains on prefixes of one corpus (84k, 250k, ...
     tokens); a distilled corpus keeps its shuffled prompt order, so each prefix
-    mixes every source. Targets are ``tokens[loss_start:]``.
+    mixes every source. Targets are ``tokens[loss_start:]``, counted within the
+    first ``max_seq_len`` tokens (what training keeps) when it is given.
 
     Raises:
         DataError: ``count`` is not positive, or the examples hold fewer target tokens.
@@ -141,7 +143,8 @@ def first_target_tokens(examples: Sequence[Example], count: int) -> List[Example
         raise DataError(f"--data-tokens must be a positive number of target tokens, not {count}")
     total = 0
     for i, example in enumerate(examples):
-        total += len(example.tokens) - example.loss_start
+        kept = len(example.tokens) if max_seq_len is None else min(len(example.tokens), max_seq_len)
+        total += max(0, kept - example.loss_start)
         if total >= count:
             return list(examples[: i + 1])
     raise DataError(f"the data holds {total} target tokens, fewer than --data-tokens {count}: "

@@ -63,6 +63,7 @@ class HeadsTrainConfig:
     save_every: int = 100
     report_every: int = 10
     group_by_length: bool = True  # batches of similar lengths (mlx-lm's trainer does the same)
+    data_tokens: Optional[int] = None  # the run trains on this prefix of its data (None: all of it)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -226,7 +227,11 @@ def train_heads(model: SpecStreamModel, examples: List[Example], config: HeadsTr
         heads.update(tree_map(lambda a: a.astype(mx.float32), heads.parameters()))
         optimizer.init(heads.trainable_parameters())
         optimizer.state = tree_unflatten(list(mx.load(str(Path(out) / state_weights)).items()))
-        start = int(json.loads(state_file.read_text())["step"])
+        saved = json.loads(state_file.read_text())
+        if saved["config"].get("data_tokens") != config.data_tokens:
+            raise CheckpointError(f"{out} was trained on --data-tokens {saved['config'].get('data_tokens')} "
+                                  f"(None: all of the data), not {config.data_tokens}: resume with the same data")
+        start = int(saved["step"])
     hidden = final_hidden(model, examples, config.max_seq_len)
     step_fn = nn.value_and_grad(heads, loss)
     order = training_batches(examples, config.batch_size, config.seed, start, config.max_seq_len,
