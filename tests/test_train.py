@@ -313,7 +313,7 @@ def test_cli_data_tokens_and_cache_dtype(tmp_path, base_dir, monkeypatch):
 
     asked = []
     monkeypatch.setattr(cached, "precompute",
-                        lambda m, e, dtype=None, _f=cached.precompute: asked.append(dtype) or _f(m, e, dtype))
+                        lambda m, e, dtype=None, _f=cached.precompute, **kw: asked.append(dtype) or _f(m, e, dtype, **kw))
     result = runner.invoke(app, tiny_train_args(base_dir, data, tmp_path / "half")
                            + ["--iters", "2", "--cache-dtype", "float16"])
     assert result.exit_code == 0, result.output
@@ -388,7 +388,7 @@ def test_cached_main_stream_keeps_loss_rows_only_and_can_be_stored_half_size(mon
     # Rows kept are the full forward's rows, at their absolute positions (streams, early exit).
     whole = cached.precompute(model, [Example(tuple(tokens), 0)])[0]
     at = np.arange(8, 29)
-    np.testing.assert_array_equal(np.array(full[0].rows(at)), np.array(whole.rows(at)))
+    np.testing.assert_allclose(np.array(full[0].rows(at)), np.array(whole.rows(at)), atol=1e-5)
     # What stays allocated is the compact arrays, not the slices' parent buffers.
     import gc
 
@@ -410,6 +410,41 @@ def test_cached_main_stream_keeps_loss_rows_only_and_can_be_stored_half_size(mon
     monkeypatch.setattr(cached, "_memory_bytes", lambda: stored)  # a machine too small for it
     with pytest.raises(ValueError, match="--cache-dtype float16"):
         cached.precompute(model, examples)
+
+
+def test_cached_main_stream_shards_are_reused_and_survive_an_interruption(tmp_path, monkeypatch):
+    from specstream_mlx.train import cached
+
+    model = _model()
+    examples = [Example(tuple(random_prompt(12 + i, seed=i)), 4) for i in range(3)]
+    want = cached.precompute(model, examples)
+    calls = []
+    real = cached.lower_forward
+
+    def counted(m, tokens):
+        calls.append(tokens.shape[1])
+        if len(calls) == 3 and interrupt:
+            raise KeyboardInterrupt
+        return real(m, tokens)
+
+    monkeypatch.setattr(cached, "lower_forward", counted)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):  # killed on the third example: two shards of one kept
+        cached.precompute(model, examples, folder=tmp_path, flush_every=1)
+    assert len(list(tmp_path.glob("*/main-*.safetensors"))) == 2
+    interrupt, calls[:] = False, []
+    got = cached.precompute(model, examples, folder=tmp_path, flush_every=1)
+    assert calls == [14]  # only the example the interrupted run lacked
+    for a, b in zip(want, got):
+        assert a.hidden_start == b.hidden_start
+        for x, y in zip([a.hidden, *a.keys, *a.values], [b.hidden, *b.keys, *b.values]):
+            np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-6)
+    calls[:] = []
+    cached.precompute(model, examples + [Example(examples[0].tokens, 5)], folder=tmp_path)
+    assert calls == [12]  # another loss_start is another entry
+    cached.precompute(model, examples, mx.float16, folder=tmp_path)
+    assert len(calls) == 4  # another stored type, another folder
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_cached_training_learns_and_resumes(tmp_path, base_dir, monkeypatch):

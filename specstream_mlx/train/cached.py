@@ -16,6 +16,9 @@ is the same at every step. ``precompute`` runs it once; each training step then
 runs only the stream rows of the positions that carry loss, as queries over
 those cached keys/values (plus their own earlier streams), exactly the
 computation the stream rows get at inference and in ``losses.train_forward``.
+Training keeps these results on disk beside the checkpoint (``<out>.main-cache``,
+shards keyed by each example), so ``--resume`` and runs on longer prefixes of
+the same corpus compute only what is new.
 
 The vocabulary projection of the stream rows is restricted to a candidate set
 (every token that occurs as a training target, plus fresh random tokens each
@@ -31,7 +34,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -39,12 +41,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..cache import make_cache
 from .data import Example
 from ..families import embed
-from ..forward import adapt_streams, run_layers
-from .losses import LossWeights, lower_forward
-from ..masks import chain_rows, within_window
+from ..forward import adapt_streams
+from .losses import LossWeights, TrainView, causal_layers, lower_forward
+from ..masks import within_window
 from ..model import SpecStreamModel
 from ..rope import RowPositions
 
@@ -194,12 +195,14 @@ class LowerCache:
         return mx.stack(rows)
 
 
-def _fingerprint(model: SpecStreamModel) -> str:
-    """A name for the frozen part below the multi-stream layers (embedding and lower layers)."""
+def _fingerprint(model: SpecStreamModel, layers: Optional[int] = None) -> str:
+    """A name for the frozen embedding and first ``layers`` layers (default: those below the
+    multi-stream layers)."""
     from mlx.utils import tree_flatten
 
-    digest = hashlib.sha1(f"{model.first_stream_layer}:{model.config.hidden_size}".encode())
-    parts = [model.base.model.embed_tokens] + [model.layers[i] for i in range(model.first_stream_layer)]
+    layers = model.first_stream_layer if layers is None else layers
+    digest = hashlib.sha1(f"{layers}:{model.config.hidden_size}".encode())
+    parts = [model.base.model.embed_tokens] + [model.layers[i] for i in range(layers)]
     for part in parts:
         for name, value in tree_flatten(part.parameters()):
             flat = value.reshape(-1).astype(mx.float32)
@@ -209,13 +212,19 @@ def _fingerprint(model: SpecStreamModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def precompute(model: SpecStreamModel, examples: Sequence[Example], dtype=None) -> List[MainStream]:
+def precompute(model: SpecStreamModel, examples: Sequence[Example], dtype=None,
+               folder: Optional[Path] = None, flush_every: int = 256) -> List[MainStream]:
     """Run the frozen main stream of every example once (with progress).
 
     Args:
         dtype: keep the states in this type (``None``: the model's). float16
             halves the memory of a float32 model's cache; the states are then
             rounded once, the streams' training computes in the model's type.
+        folder: keep the results on disk too, as shards of ``flush_every``
+            examples under a fingerprint of the frozen model and the type,
+            each keyed by the example's tokens, ``loss_start`` and gamma. A
+            later call (a resumed run, or a run on a longer prefix of the same
+            corpus) reads them back and computes only the examples it lacks.
 
     Raises:
         ValueError: the cache would not fit in this machine's memory (the
@@ -231,30 +240,75 @@ def precompute(model: SpecStreamModel, examples: Sequence[Example], dtype=None) 
             f"the cached main stream of {len(examples)} examples needs {need / 2**30:.1f} GiB, more "
             f"than 3/4 of this machine's {have / 2**30:.1f} GiB: pass --cache-dtype float16 (half "
             f"the size for a float32 model), fewer --data-tokens or a lower --max-seq-len")
-    gamma = model.config.gamma
-    # A compact copy: a slice alone would keep its whole parent buffer (the
-    # full hidden state, the key/value cache's allocation) alive.
-    store = (lambda a: mx.contiguous(a if dtype is None else a.astype(dtype)))
-    out = []
+    gamma, kind = model.config.gamma, _activation_dtype(model)
+    shards = None
+    if folder is not None:
+        stored_as = kind if dtype is None else dtype
+        shards = _MainShards(Path(folder) / f"{_fingerprint(model, n)}-{str(stored_as).split('.')[-1]}")
+    keys_of = [_main_key(e, gamma) for e in examples]
+    found = shards.read(set(keys_of)) if shards is not None else {}
+    # A copy of each slice: a slice alone keeps its whole parent buffer alive.
+    # ``mx.contiguous`` is not enough (a slice of whole rows is contiguous
+    # already); ``mx.array`` copies.
+    store = (lambda a: mx.array(a if dtype is None else a.astype(dtype)))
+    out, fresh = [], {}
     tic = time.perf_counter()
     for i, example in enumerate(examples, start=1):
         tokens = np.array(example.tokens, dtype=np.int32)
-        length = len(tokens)
-        cache = make_cache(n)  # the rows stay pending in it: nothing is committed
-        rows = chain_rows(length)
-        run = partial(run_layers, block=rows.ancestors, positions=rows.depth, is_chain=True,
-                      cache=cache)
-        hidden = run(model, embed(model.family, model.base, mx.array(tokens)[None]), range(split))
-        kind = None if dtype is None else hidden.dtype
-        run(model, hidden, range(split, n))  # fills the multi-stream layers' keys/values
         first = main_rows_from(example.loss_start, gamma)
-        hidden = store(hidden[0, first:])
-        keys = [store(cache[layer].keys[..., :length, :]) for layer in range(split, n)]
-        values = [store(cache[layer].values[..., :length, :]) for layer in range(split, n)]
-        mx.eval(hidden, keys, values)
-        out.append(MainStream(tokens, example.loss_start, hidden, keys, values, first, kind))
+        arrays = found.get(keys_of[i - 1])
+        if arrays is None:
+            views = [TrainView(0, keep=True) for _ in range(split, n)]
+            hidden = lower_forward(model, mx.array(tokens)[None])  # (1, T, H)
+            causal_layers(model, hidden, range(split, n), views)  # the multi-stream layers' keys/values
+            arrays = ([store(hidden[0, first:])] + [store(v.keys) for v in views]
+                      + [store(v.values) for v in views])
+            mx.eval(arrays)
+            if shards is not None:
+                fresh[keys_of[i - 1]] = arrays
+                if len(fresh) >= flush_every:
+                    shards.write(fresh)
+                    fresh = {}
+        layers = n - split
+        out.append(MainStream(tokens, example.loss_start, arrays[0], arrays[1: 1 + layers],
+                              arrays[1 + layers:], first, None if dtype is None else kind))
         _report("cache main stream", i, len(examples), tic)
+    if shards is not None and fresh:
+        shards.write(fresh)
     return out
+
+
+def _main_key(example: Example, gamma: int) -> str:
+    head = np.array([example.loss_start, gamma], np.int64).tobytes()
+    return hashlib.sha1(head + np.asarray(example.tokens, np.int64).tobytes()).hexdigest()
+
+
+class _MainShards:
+    """``precompute``'s results on disk: ``main-NNNNN.safetensors`` files of
+    ``{key}.{index}`` arrays (hidden, then keys, then values), each written atomically."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def read(self, wanted: set) -> dict:
+        found: dict = {}
+        for shard in sorted(self.folder.glob("main-*.safetensors")) if self.folder.is_dir() else ():
+            for name, array in mx.load(str(shard)).items():
+                key, index = name.rsplit(".", 1)
+                if key in wanted:
+                    found.setdefault(key, {})[int(index)] = array
+        return {key: [parts[j] for j in range(len(parts))] for key, parts in found.items()}
+
+    def write(self, arrays: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"main-{len(list(self.folder.glob('main-*.safetensors'))):05d}.safetensors"
+        tmp = self.folder / f".{name}.{os.getpid()}.tmp.safetensors"  # hidden from the glob
+        try:
+            mx.save_safetensors(str(tmp), {f"{key}.{j}": a for key, parts in arrays.items()
+                                           for j, a in enumerate(parts)})
+            os.replace(tmp, self.folder / name)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class _FixedKV:

@@ -289,7 +289,8 @@ def train(
         if not examples:
             raise ValueError(f"no example has a completion within --max-seq-len {config.max_seq_len}")
     if cached and not model.config.shared:
-        mains = precompute(model, examples, CACHE_DTYPES.get(config.cache_dtype))
+        mains = precompute(model, examples, CACHE_DTYPES.get(config.cache_dtype),
+                           folder=out.parent / f"{out.name}.main-cache")  # reused by --resume
         objective = CachedLoss(model, mains, config.weights, seed=config.seed,
                                positions=config.positions)
         step_fn = nn.value_and_grad(model, objective)

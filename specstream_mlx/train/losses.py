@@ -46,14 +46,36 @@ class LossWeights:
 MEDUSA_DECAY = 0.8
 
 
-class _TrainView:
-    """Cache stand-in for training: hands RoPE the row positions, stores nothing."""
+class TrainView:
+    """Cache stand-in for training: hands RoPE the row positions, stores nothing.
 
-    def __init__(self, offset):
-        self.offset = offset
+    ``keep``: also hold the layer's keys (after RoPE) and values, ``(B, H_kv, T, D)``.
+    """
+
+    def __init__(self, offset, keep: bool = False):
+        self.offset, self.keep = offset, keep
+        self.keys = self.values = None
 
     def update_and_fetch(self, keys, values):
+        if self.keep:
+            self.keys, self.values = keys, values
         return keys, values
+
+
+def causal_layers(model: SpecStreamModel, h: mx.array, layer_ids, views=None) -> mx.array:
+    """Main rows only: ``layer_ids`` on whole sequences ``(B, T, H)`` from position 0, causal.
+
+    ``views``: one ``TrainView`` per layer (to keep its keys/values), or ``None``.
+    """
+    rows = chain_rows(h.shape[1])
+    masks = {}
+    for n, i in enumerate(layer_ids):
+        window = model.windows[i]
+        if window not in masks:
+            masks[window] = "causal" if window is None else mx.array(
+                within_window(rows.ancestors, rows.depth, rows.depth, window))
+        h = model.layers[i](h, masks[window], cache=TrainView(0) if views is None else views[n])
+    return h
 
 
 def lower_forward(model: SpecStreamModel, tokens: mx.array) -> mx.array:
@@ -63,17 +85,8 @@ def lower_forward(model: SpecStreamModel, tokens: mx.array) -> mx.array:
     only), so their output for an example never changes: cached training
     computes it once (``cached.LowerCache``).
     """
-    length = tokens.shape[1]
-    rows = chain_rows(length)
     h = embed(model.family, model.base, tokens)  # (B, T, H)
-    masks = {}
-    for i in range(model.first_stream_layer):
-        window = model.windows[i]
-        if window not in masks:
-            masks[window] = "causal" if window is None else mx.array(
-                within_window(rows.ancestors, rows.depth, rows.depth, window))
-        h = model.layers[i](h, masks[window], cache=_TrainView(0))
-    return mx.stop_gradient(h)
+    return mx.stop_gradient(causal_layers(model, h, range(model.first_stream_layer)))
 
 
 def train_forward(model: SpecStreamModel, tokens: mx.array, lower: Optional[mx.array] = None,
@@ -119,7 +132,7 @@ def train_forward(model: SpecStreamModel, tokens: mx.array, lower: Optional[mx.a
                 masks[window] = mx.array(within_window(block, all_positions, all_positions, window))
             if with_streams:
                 h = adapt_streams(model, h, i, length)
-            h = model.layers[i](h, masks[window], cache=_TrainView(offset))
+            h = model.layers[i](h, masks[window], cache=TrainView(offset))
     h = model.base.model.norm(h)
     if not with_streams:
         return h, None, early_exit
