@@ -154,23 +154,15 @@ class LowerCache:
         wanted = {}
         for i in range(len(self.examples)):
             wanted.setdefault(self._key(i), []).append(i)
-        for shard in sorted(self.folder.glob("lower-*.safetensors")):
-            for key, state in mx.load(str(shard)).items():
-                for i in wanted.get(key, ()):
-                    self.states[i] = state
+        for key, state in _read_shards(self.folder, "lower"):
+            for i in wanted.get(key, ()):
+                self.states[i] = state
 
     def flush(self) -> None:
         """Write the states computed since the last flush as one new shard (no-op without a folder)."""
         if self.folder is None or not self.fresh:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"lower-{len(list(self.folder.glob('lower-*.safetensors'))):05d}.safetensors"
-        tmp = self.folder / f".{name}.{os.getpid()}.tmp.safetensors"  # hidden from the glob
-        try:
-            mx.save_safetensors(str(tmp), {self._key(i): self.states[i] for i in self.fresh})
-            os.replace(tmp, self.folder / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _write_shard(self.folder, "lower", {self._key(i): self.states[i] for i in self.fresh})
         self.fresh = []
 
     def batch(self, indices: Sequence[int], length: int) -> mx.array:
@@ -244,9 +236,9 @@ def precompute(model: SpecStreamModel, examples: Sequence[Example], dtype=None,
     shards = None
     if folder is not None:
         stored_as = kind if dtype is None else dtype
-        shards = _MainShards(Path(folder) / f"{_fingerprint(model, n)}-{str(stored_as).split('.')[-1]}")
+        shards = Path(folder) / f"{_fingerprint(model, n)}-{str(stored_as).split('.')[-1]}"
     keys_of = [_main_key(e, gamma) for e in examples]
-    found = shards.read(set(keys_of)) if shards is not None else {}
+    found = _read_main(shards, set(keys_of)) if shards is not None else {}
     # A copy of each slice: a slice alone keeps its whole parent buffer alive.
     # ``mx.contiguous`` is not enough (a slice of whole rows is contiguous
     # already); ``mx.array`` copies.
@@ -258,7 +250,7 @@ def precompute(model: SpecStreamModel, examples: Sequence[Example], dtype=None,
         first = main_rows_from(example.loss_start, gamma)
         arrays = found.get(keys_of[i - 1])
         if arrays is None:
-            views = [TrainView(0, keep=True) for _ in range(split, n)]
+            views = [TrainView(0) for _ in range(split, n)]
             hidden = lower_forward(model, mx.array(tokens)[None])  # (1, T, H)
             causal_layers(model, hidden, range(split, n), views)  # the multi-stream layers' keys/values
             arrays = ([store(hidden[0, first:])] + [store(v.keys) for v in views]
@@ -267,14 +259,14 @@ def precompute(model: SpecStreamModel, examples: Sequence[Example], dtype=None,
             if shards is not None:
                 fresh[keys_of[i - 1]] = arrays
                 if len(fresh) >= flush_every:
-                    shards.write(fresh)
+                    _write_main(shards, fresh)
                     fresh = {}
         layers = n - split
         out.append(MainStream(tokens, example.loss_start, arrays[0], arrays[1: 1 + layers],
                               arrays[1 + layers:], first, None if dtype is None else kind))
         _report("cache main stream", i, len(examples), tic)
     if shards is not None and fresh:
-        shards.write(fresh)
+        _write_main(shards, fresh)
     return out
 
 
@@ -283,32 +275,37 @@ def _main_key(example: Example, gamma: int) -> str:
     return hashlib.sha1(head + np.asarray(example.tokens, np.int64).tobytes()).hexdigest()
 
 
-class _MainShards:
-    """``precompute``'s results on disk: ``main-NNNNN.safetensors`` files of
-    ``{key}.{index}`` arrays (hidden, then keys, then values), each written atomically."""
+def _read_shards(folder: Path, prefix: str):
+    """Every ``(name, array)`` of the ``{prefix}-NNNNN.safetensors`` shards in ``folder``."""
+    for shard in sorted(folder.glob(f"{prefix}-*.safetensors")) if folder.is_dir() else ():
+        yield from mx.load(str(shard)).items()
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
 
-    def read(self, wanted: set) -> dict:
-        found: dict = {}
-        for shard in sorted(self.folder.glob("main-*.safetensors")) if self.folder.is_dir() else ():
-            for name, array in mx.load(str(shard)).items():
-                key, index = name.rsplit(".", 1)
-                if key in wanted:
-                    found.setdefault(key, {})[int(index)] = array
-        return {key: [parts[j] for j in range(len(parts))] for key, parts in found.items()}
+def _write_shard(folder: Path, prefix: str, arrays: dict) -> None:
+    """``arrays`` as the next ``{prefix}-NNNNN.safetensors`` shard, written atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{prefix}-{len(list(folder.glob(f'{prefix}-*.safetensors'))):05d}.safetensors"
+    tmp = folder / f".{name}.{os.getpid()}.tmp.safetensors"  # hidden from the glob
+    try:
+        mx.save_safetensors(str(tmp), arrays)
+        os.replace(tmp, folder / name)
+    finally:
+        tmp.unlink(missing_ok=True)
 
-    def write(self, arrays: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"main-{len(list(self.folder.glob('main-*.safetensors'))):05d}.safetensors"
-        tmp = self.folder / f".{name}.{os.getpid()}.tmp.safetensors"  # hidden from the glob
-        try:
-            mx.save_safetensors(str(tmp), {f"{key}.{j}": a for key, parts in arrays.items()
-                                           for j, a in enumerate(parts)})
-            os.replace(tmp, self.folder / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+def _read_main(folder: Path, wanted: set) -> dict:
+    """``precompute``'s arrays per example key (``{key}.{index}``: hidden, keys, values)."""
+    found: dict = {}
+    for name, array in _read_shards(folder, "main"):
+        key, index = name.rsplit(".", 1)
+        if key in wanted:
+            found.setdefault(key, {})[int(index)] = array
+    return {key: [parts[j] for j in range(len(parts))] for key, parts in found.items()}
+
+
+def _write_main(folder: Path, arrays: dict) -> None:
+    _write_shard(folder, "main", {f"{key}.{j}": a for key, parts in arrays.items()
+                                  for j, a in enumerate(parts)})
 
 
 class _FixedKV:

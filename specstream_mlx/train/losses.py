@@ -47,18 +47,15 @@ MEDUSA_DECAY = 0.8
 
 
 class TrainView:
-    """Cache stand-in for training: hands RoPE the row positions, stores nothing.
+    """Cache stand-in for training: hands RoPE the row positions and holds the layer's
+    last keys (after RoPE) and values, ``(B, H_kv, T, D)``, for whoever wants them."""
 
-    ``keep``: also hold the layer's keys (after RoPE) and values, ``(B, H_kv, T, D)``.
-    """
-
-    def __init__(self, offset, keep: bool = False):
-        self.offset, self.keep = offset, keep
+    def __init__(self, offset):
+        self.offset = offset
         self.keys = self.values = None
 
     def update_and_fetch(self, keys, values):
-        if self.keep:
-            self.keys, self.values = keys, values
+        self.keys, self.values = keys, values
         return keys, values
 
 
