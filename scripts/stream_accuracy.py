@@ -18,6 +18,28 @@ from specstream_mlx.forward import logits
 from specstream_mlx.loading import load
 
 
+def stream_top1(model, records, folder=None):
+    """``(hits, counts)`` per stream (numpy, length gamma): top-1 guesses of the
+    stream rows that equal the distilled token, over each record's answer.
+
+    ``folder``: keep the main stream's states there (``precompute``), so that
+    another checkpoint of the same base model and stream layers reuses them.
+    """
+    gamma = model.config.gamma
+    hits, counts = np.zeros(gamma), np.zeros(gamma)
+    examples = [Example(tuple(r["tokens"]), r["loss_start"]) for r in records]
+    for main_stream in precompute(model, examples, folder=folder):
+        positions, hidden = stream_hidden(model, main_stream)  # (R,), (R, gamma, H)
+        length = len(main_stream.tokens)
+        for j in range(1, gamma + 1):
+            target_at = positions + 1 + j  # stream j of row t guesses token t + 1 + j
+            use = (target_at < length) & (target_at >= main_stream.loss_start)
+            guess = np.array(mx.argmax(logits(model, hidden[:, j - 1]), axis=-1))
+            hits[j - 1] += (guess[use] == main_stream.tokens[target_at[use]]).sum()
+            counts[j - 1] += use.sum()
+    return hits, counts
+
+
 def main():
     if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
@@ -27,18 +49,8 @@ def main():
         records = [json.loads(line) for line in handle][first:]
     if not records:
         sys.exit(f"no examples in {sys.argv[2]} from line {first}")
-    gamma = model.config.gamma
-    hits, counts = np.zeros(gamma), np.zeros(gamma)
-    for main_stream in precompute(model, [Example(tuple(r["tokens"]), r["loss_start"]) for r in records]):
-        positions, hidden = stream_hidden(model, main_stream)  # (R,), (R, gamma, H)
-        length = len(main_stream.tokens)
-        for j in range(1, gamma + 1):
-            target_at = positions + 1 + j  # stream j of row t guesses token t + 1 + j
-            use = (target_at < length) & (target_at >= main_stream.loss_start)
-            guess = np.array(mx.argmax(logits(model, hidden[:, j - 1]), axis=-1))
-            hits[j - 1] += (guess[use] == main_stream.tokens[target_at[use]]).sum()
-            counts[j - 1] += use.sum()
-    print(" ".join(f"stream {j + 1}: {hits[j] / counts[j]:.3f}" for j in range(gamma)),
+    hits, counts = stream_top1(model, records)
+    print(" ".join(f"stream {j + 1}: {hits[j] / counts[j]:.3f}" for j in range(len(hits))),
           f"({int(counts[0])} positions)")
 
 

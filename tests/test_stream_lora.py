@@ -202,3 +202,23 @@ def test_overlapped_chain_drafts_as_decode_does(monkeypatch):
     assert fast == plain
     assert sum(s.accepted for s in plain_steps) > 0  # drafts that the updates shaped were taken
     assert [(s.accepted, s.tree_size) for s in fast_steps] == [(s.accepted, s.tree_size) for s in plain_steps]
+
+
+def test_the_cached_main_stream_is_shared_with_runs_without_stream_lora(tmp_path):
+    # The main rows never see the updates, so a run with stream LoRA reads the
+    # main-stream shards a run without it wrote (the learning curve's shared cache).
+    from specstream_mlx.train import cached
+
+    with_lora, without = _fresh(rank=4), _fresh(rank=0)
+    examples = [Example(tuple(random_prompt(10, seed=1)), 3)]
+    want = cached.precompute(without, examples, folder=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 1
+    got = cached.precompute(with_lora, examples, folder=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 1  # read back, not a second folder
+    np.testing.assert_allclose(np.array(got[0].hidden), np.array(want[0].hidden), atol=1e-6)
+    other = SpecStreamConfig(gamma=3, stream_layers=1, mode="lossless", hidden_size=64,
+                             vocab_size=272, num_layers=4)
+    base, config = base_model("llama")
+    cached.precompute(fresh_model(base, family_for(config["model_type"]), other), examples,
+                      folder=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2  # other stream layers: other states

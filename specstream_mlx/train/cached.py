@@ -198,7 +198,10 @@ def _fingerprint(model: SpecStreamModel, layers: Optional[int] = None) -> str:
     for part in parts:
         for name, value in tree_flatten(part.parameters()):
             flat = value.reshape(-1).astype(mx.float32)
-            digest.update(name.encode())
+            # A stream-LoRA wrapper (``StreamRowsLinear``) names its base weight
+            # ``<proj>.inner.weight``; the main rows compute with that weight alone,
+            # so the name without ``.inner`` keeps one cache for runs with and without it.
+            digest.update(name.replace(".inner.", ".").encode())
             digest.update(np.array([flat.sum().item(), (flat * flat).sum().item(),
                                     flat[: 64].sum().item()], dtype=np.float64).tobytes())
     return digest.hexdigest()[:16]
@@ -236,7 +239,9 @@ def precompute(model: SpecStreamModel, examples: Sequence[Example], dtype=None,
     shards = None
     if folder is not None:
         stored_as = kind if dtype is None else dtype
-        shards = Path(folder) / f"{_fingerprint(model, n)}-{str(stored_as).split('.')[-1]}"
+        # The states depend on the frozen weights, on where the multi-stream
+        # layers start (the hidden state kept is layer ``split``'s input) and the type.
+        shards = Path(folder) / f"{_fingerprint(model, n)}-from{split}-{str(stored_as).split('.')[-1]}"
     keys_of = [_main_key(e, gamma) for e in examples]
     found = _read_main(shards, set(keys_of)) if shards is not None else {}
     # A copy of each slice: a slice alone keeps its whole parent buffer alive.
