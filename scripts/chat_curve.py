@@ -10,6 +10,7 @@ Usage:
 (a re-measure replaces it; the file is rewritten atomically):
 
 * held-out top-1 accuracy of each stream (full vocabulary) on HELDOUT.jsonl,
+  in all and by each record's ``source`` (chat, gsm8k, ...),
   distilled records (``{"tokens", "loss_start"}``) that no training prefix
   holds (the curve's: the last 200 prompts of the distillation set, distilled
   apart, see docs/distill.md);
@@ -31,6 +32,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import specstream_mlx  # noqa: F401  (loads OpenBLAS before mlx on Linux)
 from specstream_mlx.atomic import atomic_file, atomic_write_text
 from specstream_mlx.bench.evaluate import speed_on_prompts
@@ -45,12 +48,21 @@ def measure(args) -> int:
     model, tokenizer = load(str(args.checkpoint))
     with open(args.heldout) as handle:
         records = [json.loads(line) for line in handle if line.strip()]
-    hits, counts = stream_top1(model, records, args.cache_folder)
+    hits, counts = stream_top1(model, records, args.cache_folder)  # (records, gamma) each
+    sources = np.array([r.get("source", "?") for r in records])
+    by_source = {}
+    for source in sorted(set(sources)):
+        mine = sources == source
+        by_source[source] = [float(h / c) for h, c in zip(hits[mine].sum(0), counts[mine].sum(0))]
+    hits, counts = hits.sum(axis=0), counts.sum(axis=0)
     point = {"label": args.label, "checkpoint": str(args.checkpoint), "tokens": args.tokens,
              "capacity": args.capacity, "heldout_positions": int(counts[0]),
-             "stream_accuracy": [float(h / c) for h, c in zip(hits, counts)], "trees": {}}
+             "stream_accuracy": [float(h / c) for h, c in zip(hits, counts)],
+             "stream_accuracy_by_source": by_source, "trees": {}}
     print(f"{args.label}: held-out accuracy "
           + " ".join(f"{a:.3f}" for a in point["stream_accuracy"]), flush=True)
+    for source, accuracy in by_source.items():
+        print(f"  {source}: " + " ".join(f"{a:.3f}" for a in accuracy), flush=True)
     prompts = [p.tokens for p in load_prompts(args.prompts, tokenizer, args.num_prompts,
                                               args.max_tokens, None)]
     for text in filter(None, args.trees.split(";")):

@@ -26,7 +26,8 @@ def test_points_by_label_and_plot(tmp_path):
     init_checkpoint(str(base), str(small), stream_layers=2, seed=1)
     init_checkpoint(str(base), str(large), stream_layers=2, seed=2)
     heldout = tmp_path / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps({"tokens": random_prompt(14, seed=i), "loss_start": 6}) + "\n"
+    heldout.write_text("".join(json.dumps({"tokens": random_prompt(14, seed=i), "loss_start": 6,
+                                           "source": "chat" if i else "sql"}) + "\n"
                                for i in range(3)))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"a b c {i}"}) + "\n" for i in range(2)))
@@ -39,6 +40,7 @@ def test_points_by_label_and_plot(tmp_path):
     for p in points:
         assert len(p["stream_accuracy"]) == 3 and all(0 <= a <= 1 for a in p["stream_accuracy"])
         assert p["heldout_positions"] > 0
+        assert sorted(p["stream_accuracy_by_source"]) == ["chat", "sql"]
         assert set(p["trees"]) == {"1", "2,1"}
         assert p["trees"]["1"]["tokens_per_forward"] >= 1.0
         assert len(p["trees"]["2,1"]["acceptance_by_depth"]) == 2
