@@ -45,9 +45,16 @@ from stream_accuracy import stream_top1
 
 
 def measure(args) -> int:
-    model, tokenizer = load(str(args.checkpoint))
-    with open(args.heldout) as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
+    try:
+        with open(args.heldout) as handle:
+            records = [json.loads(line) for line in handle if line.strip()]
+        if not records or not all("tokens" in r and "loss_start" in r for r in records):
+            raise ValueError("it needs distilled records, {\"tokens\", \"loss_start\"} per line "
+                             "(specstream-mlx distill --out)")
+        model, tokenizer = load(str(args.checkpoint))
+    except (OSError, ValueError) as exc:  # missing file, bad JSON or records, CheckpointError
+        print(f"error: {args.heldout} / {args.checkpoint}: {exc}", file=sys.stderr)
+        return 2
     hits, counts = stream_top1(model, records, args.cache_folder)  # (records, gamma) each
     sources = np.array([r.get("source", "?") for r in records])
     by_source = {}

@@ -50,3 +50,18 @@ def test_points_by_label_and_plot(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_heldout_file_is_one_clear_error(tmp_path):
+    base = write_base(tmp_path / "base", "llama", seed=2)
+    ckpt = tmp_path / "ckpt"
+    init_checkpoint(str(base), str(ckpt), stream_layers=2, seed=1)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a b"}) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "not distilled"}) + "\n")
+    out = tmp_path / "curve.json"
+    for heldout in (tmp_path / "missing.jsonl", bad):
+        run = _measure(ckpt, "x", 1, out, heldout, prompts, tmp_path / "cache")
+        assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()
