@@ -17,7 +17,17 @@ Sources (default counts; a count larger than its pool takes the whole pool):
 * gsm8k: train.jsonl (the only GSM8K file in ../shared; the official test
   split is not there);
 * ``*-multi``: two-turn conversations: a task prompt, its reference answer
-  from the data as the first assistant turn, and a follow-up request.
+  from the data as the first assistant turn, and a follow-up request;
+* chat-followup (``--chat-followup N``, off by default): two-turn chats whose
+  first assistant turn is the model's OWN distilled answer to a chat request,
+  read from a corpus (``--answers CORPUS --answers-prompts PROMPTS``, the
+  prompt file it was distilled from; ``--model`` gives the tokenizer), then a
+  chat follow-up ("Can you give me an example?", ...). Only answers that
+  ended by themselves (EOS) are used.
+
+``--exclude FILE`` drops records equal to one of FILE's (a chat-heavy set kept
+disjoint from an earlier prompt set); ``--held-out FILE`` drops every record
+whose first user turn is the first user turn of one of FILE's.
 
 Prompts equal to one of benchmarks/chat_prompts.jsonl (held out) are dropped.
 Each record gets a ``max_tokens`` drawn from ``--lengths`` with
@@ -56,7 +66,9 @@ COUNTS = {
     "gsm8k": 1900, "gsm8k-alt": 500, "gsm8k-multi": 600,
     "e2e_nlg": 383, "e2e_nlg-alt": 383, "e2e_nlg-multi": 400,
     "sql": 1500, "sql-alt": 500, "sql-multi": 500,
+    "chat-followup": 0,        # needs --answers (the model's own first answers)
 }
+CHAT_SOURCES = ("chat", "chat-styled")
 
 CHAT_STYLES = [
     "{p} Keep it short.", "{p} Please answer in detail.", "{p} Use a bulleted list.",
@@ -97,6 +109,14 @@ FOLLOW_UPS = {
         "Is there another way to write this query?",
         "How would you change it to return only the first five rows?",
     ],
+    "chat": [
+        "Can you give me an example?", "Can you make that shorter?",
+        "Thanks! Can you explain that more simply?", "Tell me more about the first point.",
+        "Why is that?", "What mistakes should I avoid?", "Can you put that in a list?",
+        "What would you recommend for a complete beginner?", "Is there anything else I should know?",
+        "Can you summarize that in one sentence?", "How long does that usually take?",
+        "Could you explain it to a ten-year-old?",
+    ],
     "e2e_nlg": [
         "Rewrite it in a more formal tone.", "Now write a short advert for this restaurant.",
         "Write a two-sentence review of this restaurant as a customer.", "Make it shorter.",
@@ -132,9 +152,56 @@ def _held_out_chat() -> set:
             if line.strip()}
 
 
-def build(shared: Path, seed: int, task_seed: int, counts: Dict[str, int]):
+def _messages(record: dict) -> List[dict]:
+    if "messages" in record:
+        return record["messages"]
+    return [{"role": "user", "content": record["prompt"]}]
+
+
+def _read_records(path: Path) -> List[dict]:
+    path = path.expanduser()
+    if not path.is_file():
+        raise tasks.TaskDataError(f"{path} does not exist: give a prompt file this script wrote")
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise tasks.TaskDataError(f"{path} is not JSONL ({exc})") from None
+
+
+def chat_exchanges(corpus: Path, prompts: Path, tokenizer) -> List[tuple]:
+    """``[(request, answer)]``: the chat requests of ``prompts`` that ``corpus``
+    (distilled from ``prompts``) answers, with the model's own answer text.
+
+    A corpus record is matched to its prompt by its prompt tokens (the same
+    key as ``distill``'s resume). Answers cut by their ``max_tokens`` are
+    skipped (the corpus stores no EOS: an answer shorter than its cap ended by
+    itself): a follow-up to an unfinished answer is not a chat.
+    """
+    from specstream_mlx.train.distill import prompt_key, read_prompts
+
+    records = _read_records(prompts)
+    read = read_prompts(prompts, tokenizer)
+    by_key = {}
+    for p, record in zip(read, records):
+        if record.get("source") in CHAT_SOURCES and "prompt" in record:
+            by_key.setdefault(p.key, record["prompt"])
+    pairs = []
+    for line in _read_records(corpus):
+        tokens, start = line["tokens"], line["loss_start"]
+        request = by_key.get(prompt_key(tokens[:start]))
+        answer = tokens[start:]
+        if request is None or not answer or len(answer) >= line.get("max_tokens", 0):
+            continue
+        text = tokenizer.decode(answer).strip()
+        if text:
+            pairs.append((request, text))
+    return pairs
+
+
+def build(shared: Path, seed: int, task_seed: int, counts: Dict[str, int],
+          exchanges: Optional[List[tuple]] = None):
     """``(entries, inputs)``: ``entries`` are ``(source, messages)`` pairs, ``inputs``
-    the files read."""
+    the files read. ``exchanges`` (``chat_exchanges``) feed chat-followup."""
     entries = []
     inputs: List[Path] = []
 
@@ -155,6 +222,13 @@ def build(shared: Path, seed: int, task_seed: int, counts: Dict[str, int]):
     for i, (text, k) in enumerate(styled):
         styles = random.Random(f"{seed}:chat-styled:{text}").sample(CHAT_STYLES, len(CHAT_STYLES))
         add("chat-styled", [user(styles[k % len(styles)].format(p=text))])
+    if counts["chat-followup"] and not exchanges:
+        raise tasks.TaskDataError("--chat-followup needs the model's own answers: give --answers "
+                                  "CORPUS --answers-prompts PROMPTS (a distilled corpus with chat)")
+    pool = [(i, f) for i in range(len(exchanges or [])) for f in range(len(FOLLOW_UPS["chat"]))]
+    for i, f in _take(pool, counts["chat-followup"], seed, "chat-followup"):
+        request, answer = exchanges[i]
+        add("chat-followup", exchange(request, answer, FOLLOW_UPS["chat"][f]))
 
     # DialogSum: training records of build_task_data (dev/test dialogues left out).
     folder = tasks._datasets(shared, "dialogsum")
@@ -212,19 +286,26 @@ def build(shared: Path, seed: int, task_seed: int, counts: Dict[str, int]):
     return entries, inputs
 
 
-def records(entries, seed: int, lengths: List[int], weights: List[float]):
+def records(entries, seed: int, lengths: List[int], weights: List[float],
+            exclude: Optional[List[List[dict]]] = None, held_out_first: Optional[set] = None):
     """``(records, counts)``: deduplicated, held-out chat prompts dropped, shuffled, each
-    with ``max_tokens`` and ``source``."""
+    with ``max_tokens`` and ``source``. Entries equal to one of ``exclude`` and
+    entries whose first user turn is in ``held_out_first`` are dropped too."""
     held_out = _held_out_chat()
+    excluded = {json.dumps(m, sort_keys=True) for m in exclude or []}
     seen, kept = set(), []
-    dropped = {"duplicate": 0, "held_out": 0}
+    dropped = {"duplicate": 0, "held_out": 0, "excluded": 0}
     for source, messages in entries:
         key = json.dumps(messages, sort_keys=True)
         if key in seen:
             dropped["duplicate"] += 1
             continue
-        if any(m["role"] == "user" and m["content"] in held_out for m in messages):
+        if (any(m["role"] == "user" and m["content"] in held_out for m in messages)
+                or messages[0]["content"] in (held_out_first or ())):
             dropped["held_out"] += 1
+            continue
+        if key in excluded:
+            dropped["excluded"] += 1
             continue
         seen.add(key)
         kept.append((source, messages))
@@ -239,6 +320,16 @@ def records(entries, seed: int, lengths: List[int], weights: List[float]):
         out.append(record)
         counts[source] = counts.get(source, 0) + 1
     return out, counts, dropped
+
+
+def _tokenizer(model: Optional[str]):
+    """The tokenizer of ``model`` (default: the default model), as distill encodes with."""
+    sys.path.insert(0, str(HERE.parent))
+    from mlx_lm.utils import load_tokenizer
+    from specstream_mlx.cli.app import model_or_default
+    from specstream_mlx.loading import resolve_path
+
+    return load_tokenizer(Path(resolve_path(model_or_default(model))))
 
 
 def _ints(text: str, name: str) -> List[int]:
@@ -265,6 +356,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.add_argument(f"--{source}", type=int, default=count, dest=source.replace("-", "_"),
                             help=f"prompts of source {source} (default {count})"
                             if source != "chat-styled" else "restyled copies per chat request")
+    parser.add_argument("--answers", type=Path, help="chat-followup: a distilled corpus")
+    parser.add_argument("--answers-prompts", type=Path, help="the prompt file --answers was distilled from")
+    parser.add_argument("--model", default=None, help="chat-followup: the tokenizer's model "
+                        "(default: the default model)")
+    parser.add_argument("--exclude", type=Path, action="append", default=[],
+                        help="drop records equal to one of this prompt file's (repeatable)")
+    parser.add_argument("--held-out", type=Path, action="append", default=[],
+                        help="drop records whose first user turn is one of this file's (repeatable)")
     args = parser.parse_args(argv)
     counts = {source: getattr(args, source.replace("-", "_")) for source in COUNTS}
     try:
@@ -274,8 +373,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise tasks.TaskDataError("--length-weights needs one weight per --lengths value")
         if any(c < 0 for c in counts.values()):
             raise tasks.TaskDataError("counts must not be negative")
-        entries, inputs = build(args.shared, args.seed, args.task_seed, counts)
-        out_records, made, dropped = records(entries, args.seed, lengths, weights)
+        exchanges = None
+        if (args.answers is None) != (args.answers_prompts is None):
+            raise tasks.TaskDataError("--answers and --answers-prompts go together")
+        if args.answers is not None:
+            exchanges = chat_exchanges(args.answers, args.answers_prompts, _tokenizer(args.model))
+            print(f"{len(exchanges)} finished chat answers in {args.answers}")
+        exclude = [_messages(r) for path in args.exclude for r in _read_records(path)]
+        held_out_first = {_messages(r)[0]["content"] for path in args.held_out
+                          for r in _read_records(path)}
+        entries, inputs = build(args.shared, args.seed, args.task_seed, counts, exchanges)
+        inputs += [p for p in [args.answers, args.answers_prompts] + args.exclude + args.held_out if p]
+        out_records, made, dropped = records(entries, args.seed, lengths, weights,
+                                             exclude, held_out_first)
     except tasks.TaskDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -300,8 +410,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for source in COUNTS:
         if source in made:
             print(f"  {source:<{width}}  {made[source]:6d}")
-    print(f"wrote {len(out_records)} prompts to {out} ({dropped['duplicate']} duplicates and "
-          f"{dropped['held_out']} held-out chat prompts dropped; recipe in "
+    print(f"wrote {len(out_records)} prompts to {out} ({dropped['duplicate']} duplicates, "
+          f"{dropped['held_out']} held-out and {dropped['excluded']} excluded prompts dropped; recipe in "
           f"{out.with_name(out.stem + '.recipe.json')})")
     return 0
 

@@ -358,3 +358,52 @@ def test_prompt_builder_output_is_read_by_distill(tmp_path, loaded):
     prompts = read_prompts(out, tokenizer)
     assert len(prompts) == len(out.read_text().splitlines())
     assert {p.max_tokens for p in prompts} == {64, 128, 256}
+
+
+def test_chat_followups_use_the_models_own_finished_answers_and_exclusions_hold(tmp_path, loaded,
+                                                                                base_dir):
+    _, tokenizer = loaded
+    builder = _builder()
+    shared = _fake_shared(tmp_path / "shared")
+    none = ["--dialogsum", "0", "--dialogsum-alt", "0", "--dialogsum-multi", "0", "--gsm8k", "0",
+            "--gsm8k-alt", "0", "--gsm8k-multi", "0", "--e2e_nlg", "0", "--e2e_nlg-alt", "0",
+            "--e2e_nlg-multi", "0", "--sql", "0", "--sql-alt", "0", "--sql-multi", "0"]
+    first = tmp_path / "p.jsonl"
+    assert builder.main(["--shared", str(shared), "--out", str(first), "--chat", "6",
+                         "--chat-styled", "0", "--lengths", "8", "--length-weights", "1"] + none) == 0
+    records = [json.loads(l) for l in first.read_text().splitlines()]
+    prompts = read_prompts(first, tokenizer)
+    # A corpus as distill writes it (no EOS stored): answers 0 and 1 ended by themselves,
+    # answer 2 was cut at its max_tokens; the others were never distilled.
+    answer = tokenizer.encode("fine", add_special_tokens=False)
+    corpus = _write(tmp_path / "c.jsonl", [
+        {"tokens": list(p.tokens) + answer * n, "loss_start": len(p.tokens),
+         "max_tokens": 4 * len(answer), "source": "chat"} for p, n in zip(prompts[:3], (1, 2, 4))])
+    # The first chat request is held out; the second request's plain form is excluded.
+    held = _write(tmp_path / "held.jsonl", [{"prompt": records[0]["prompt"]}])
+    exclude = _write(tmp_path / "ex.jsonl", [{"prompt": records[1]["prompt"]}])
+    out = tmp_path / "extra.jsonl"
+    args = ["--shared", str(shared), "--out", str(out), "--chat", "6", "--chat-styled", "0",
+            "--chat-followup", "100", "--answers", str(corpus), "--answers-prompts", str(first),
+            "--model", str(base_dir), "--held-out", str(held), "--exclude", str(exclude),
+            "--lengths", "8", "--length-weights", "1"] + none
+    assert builder.main(args) == 0
+    extra = [json.loads(l) for l in out.read_text().splitlines()]
+    follow = [r for r in extra if r["source"] == "chat-followup"]
+    # Only answers 0 and 1 qualify, and answer 0's request is held out.
+    assert len(follow) == len(builder.FOLLOW_UPS["chat"])
+    for r in follow:
+        user, assistant, again = r["messages"]
+        assert user["content"] == records[1]["prompt"]
+        assert assistant["content"] == tokenizer.decode(answer * 2).strip()
+        assert again["content"] in builder.FOLLOW_UPS["chat"]
+    plain = {r["prompt"] for r in extra if "prompt" in r}
+    assert records[0]["prompt"] not in plain and records[1]["prompt"] not in plain
+    assert {r["prompt"] for r in records[2:]} <= plain
+    recipe = json.loads((tmp_path / "extra.recipe.json").read_text())
+    # Held out: request 0 and its follow-ups; excluded: request 1's plain form.
+    assert recipe["dropped"]["held_out"] == 1 + len(follow) and recipe["dropped"]["excluded"] == 1
+    # Follow-ups without answers are one clear error.
+    assert builder.main(["--shared", str(shared), "--out", str(tmp_path / "x.jsonl"),
+                         "--chat-followup", "3"] + none) == 2
+    assert not (tmp_path / "x.jsonl").exists()
