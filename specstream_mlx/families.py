@@ -71,6 +71,21 @@ def embed(family: Family, base: nn.Module, tokens: mx.array) -> mx.array:
     return h
 
 
+def lm_head_weight(base: nn.Module, needed_by: str) -> mx.array:
+    """The LM head's ``(V, H)`` weight (the embedding for tied heads), for code that
+    scores hidden states against some of its rows.
+
+    Raises:
+        ValueError: the head is quantized or has a bias (``needed_by`` says who asked).
+    """
+    head = base.lm_head if "lm_head" in base else base.model.embed_tokens
+    if not hasattr(head, "weight") or head.weight.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        raise ValueError(f"{needed_by} needs an unquantized LM head; use a float model")
+    if "lm_head" in base and "bias" in base.lm_head:
+        raise ValueError(f"{needed_by} does not support an LM head with a bias")
+    return head.weight
+
+
 def lm_head(base: nn.Module, h: mx.array) -> mx.array:
     """Logits from final-norm hidden states. ``(..., H) -> (..., V)``."""
     if "lm_head" in base:

@@ -42,7 +42,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .data import Example
-from ..families import embed
+from ..families import embed, lm_head_weight
 from ..forward import adapt_streams
 from .losses import LossWeights, TrainView, causal_layers, lower_forward
 from ..masks import within_window
@@ -376,13 +376,7 @@ def stream_hidden(model: SpecStreamModel, main: MainStream,
 
 
 def _head_weight(model: SpecStreamModel) -> mx.array:
-    base = model.base
-    head = base.lm_head if "lm_head" in base else base.model.embed_tokens
-    if not hasattr(head, "weight") or head.weight.dtype not in (mx.float32, mx.float16, mx.bfloat16):
-        raise ValueError("cached training needs an unquantized LM head; use a float model")
-    if "lm_head" in base and "bias" in base.lm_head:
-        raise ValueError("cached training does not support an LM head with a bias")
-    return head.weight  # (V, H)
+    return lm_head_weight(model.base, "cached training")  # (V, H)
 
 
 def _subset_ce(hidden: mx.array, targets: np.ndarray, weight: mx.array, candidates: np.ndarray):
